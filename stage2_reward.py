@@ -1,0 +1,301 @@
+"""Rollouts and rewards of ExpCTR (PAPER_NOTES.md §2-4): sample explanations, score them.
+
+Paper part: the two alignment rewards. For each training prompt the explainer (LoRA adapter
+`explainer`, policy of iteration k-1) samples K explanations; each is scored by
+  r_LC = log p_scorer(true label | prompt, explanation)        (LC alignment, the LLM-CTR scorer)
+  r_IC = log p_aug(true label | ID features, emb(explanation))  (IC alignment, the ExpCTR-Aug model)
+  r    = r_LC + lambda * r_IC.
+It also stores the per-token log-probs of each explanation under the explainer (logp_old) and
+under the reference = base model with adapters off (logp_ref), which stage3_rl.py needs for PPO.
+
+Two modes.
+  Rollouts (--iter k): reads R/data/train.jsonl, R/scorer/ (stage1_sft.py), R/policy/iter_{k-1}/
+    (stage3_rl.py; none at k=1: a fresh LoRA equals the base), optionally --aug R/ctr/aug_* ;
+    writes R/rollouts/iter_k.jsonl, rows {uid, iid, label, prompt, explanation, prompt_ids,
+    completion_ids, r_lc, r_ic, reward, logp_old, logp_ref, group, policy, model}.
+  Explanations (--split S1,S2 --tag T): greedy explanations of policy T (base = the untuned base
+    model; iter_k = R/policy/iter_k/) for every sample of each split -> R/explanations/T/S.jsonl
+    rows {uid, iid, label, prompt, explanation, n_tokens} + R/explanations/T/S.npy embeddings
+    (row-aligned with R/data/S.jsonl) + R/explanations/T/meta.json.
+Both append rows to R/metrics.jsonl (stage "stage2_reward", with explanations per second).
+
+    python stage2_reward.py --run-dir runs/x --split train,valid,test --tag base
+    python stage2_reward.py --run-dir runs/x --iter 1 --lambda-ic 0
+    python stage2_reward.py --run-dir runs/x --iter 3 --lambda-ic 0.5 --aug runs/x/ctr/aug_din_iter_2
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+import llm
+from common import ExpCTRError, RunPaths
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", required=True, help="run folder (made by data_prep.py)")
+    p.add_argument("--model", default=None, help="base LLM: smollm2-135m, tiny, or a HF folder/hub "
+                   "id (default: R/run.json's model, else smollm2-135m)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompt sampling and generation")
+    # rollout mode
+    p.add_argument("--iter", type=int, default=None, help="rollout mode: PPO iteration k (1-based)")
+    p.add_argument("--prompts-per-iter", type=int, default=16,
+                   help="training prompts per iteration (a seeded sample of train) [ours]")
+    p.add_argument("--k-samples", type=int, default=4, help="K sampled explanations per prompt [ours]")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top-p (1 = off)")
+    p.add_argument("--lambda-ic", type=float, default=0.0, help="weight of r_IC in the reward")
+    p.add_argument("--aug", default=None, help="ExpCTR-Aug checkpoint folder (train_ctr.py "
+                   "--text-emb ... --out-name aug_...); needed when --lambda-ic > 0")
+    # explanation mode
+    p.add_argument("--split", default=None, help="explanation mode: comma-separated splits")
+    p.add_argument("--tag", default=None, help="explanation mode: base or iter_k")
+    # both
+    p.add_argument("--max-new-tokens", type=int, default=40, help="explanation length cap (tokens)")
+    p.add_argument("--encoder", default=None, help="embedding model for explanations (default: the "
+                   "base LLM, adapters off, mean-pooled last hidden state)")
+    p.add_argument("--gen-batch", type=int, default=16, help="sequences per generate() call")
+    p.add_argument("--fwd-batch", type=int, default=16, help="sequences per scoring forward pass")
+    p.add_argument("--save-every", type=int, default=8,
+                   help="explanation mode: checkpoint partial results every N generate batches")
+    p.add_argument("--force", action="store_true", help="redo even if the output exists")
+    a = p.parse_args(argv)
+    if (a.iter is None) == (a.split is None):
+        p.error("give either --iter K (rollouts) or --split S --tag T (explanations)")
+    if a.split is not None and not a.tag:
+        p.error("--split needs --tag (base or iter_k)")
+    return a
+
+
+# ---- algorithm: rewards ------------------------------------------------------------------
+def label_logprob(p_click: np.ndarray, labels: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """log p(true label) from p(click); used for r_IC (r_LC comes straight from the 2-way kernel)."""
+    p = np.clip(p_click, eps, 1 - eps)
+    return np.where(labels == 1, np.log(p), np.log1p(-p))
+
+
+@torch.inference_mode()
+def lc_reward(bundle: llm.LLM, prompts: list[str], expls: list[str], labels: list[int],
+              batch: int) -> np.ndarray:
+    """r_LC = log p_scorer(true label | prompt, explanation), scorer adapter active."""
+    seqs = [bundle.scorer_ids(p, e) for p, e in zip(prompts, expls)]
+    out = np.zeros(len(seqs), np.float64)
+    with bundle.use("scorer"):
+        for idx in llm.length_batches([len(s) for s in seqs], batch):
+            lp = bundle.answer_logprobs([seqs[i] for i in idx]).float().cpu().numpy()
+            for j, i in enumerate(idx):
+                out[i] = lp[j, 0] if labels[i] == 1 else lp[j, 1]
+    return out
+
+
+def ic_reward(aug_dir: str, samples: list[dict], emb: np.ndarray) -> np.ndarray:
+    """r_IC = log p_aug(true label | ID features, explanation embedding) (ExpCTR-Aug)."""
+    import train_ctr
+    pred = train_ctr.load_checkpoint(aug_dir)
+    if getattr(pred, "text_dim", None) != emb.shape[1]:
+        raise ExpCTRError(f"--aug {aug_dir} expects text embeddings of size "
+                          f"{getattr(pred, 'text_dim', None)}, the explanations give {emb.shape[1]}: "
+                          f"train it on explanations of the same model/--encoder")
+    p = np.asarray(pred.predict(samples, text_emb=emb), dtype=np.float64)
+    return label_logprob(p, np.array([s["label"] for s in samples]))
+
+
+@torch.inference_mode()
+def token_logprobs(bundle, adapter, prompt_ids, completion_ids, batch) -> list[list[float]]:
+    """Per-token log-probs of each completion under `adapter` (None = the reference)."""
+    out = [None] * len(prompt_ids)
+    with bundle.use(adapter):
+        for idx in llm.length_batches([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)],
+                                      batch):
+            lps = bundle.completion_logprobs([prompt_ids[i] for i in idx],
+                                             [completion_ids[i] for i in idx])
+            for j, i in enumerate(idx):
+                out[i] = [round(x, 6) for x in lps[j].float().cpu().tolist()]
+    return out
+
+
+def generate_all(bundle, adapter, prompt_ids, args, greedy, desc, on_batch=None, done=None):
+    """Batched generation over prompt_ids (already repeated K times for rollouts)."""
+    done = done or {}
+    todo = [i for i in range(len(prompt_ids)) if i not in done]
+    # rollouts keep the K copies of a prompt together; explanations batch by length
+    batches = ([todo[i:i + args.gen_batch] for i in range(0, len(todo), args.gen_batch)] if not greedy
+               else [[todo[j] for j in b] for b in
+                     llm.length_batches([len(prompt_ids[i]) for i in todo], args.gen_batch)])
+    out = dict(done)
+    with bundle.use(adapter):
+        for b, idx in enumerate(tqdm(batches, desc=desc, unit=" batch")):
+            comps = bundle.generate([prompt_ids[i] for i in idx], greedy=greedy,
+                                    temperature=args.temperature, top_p=args.top_p,
+                                    max_new_tokens=args.max_new_tokens)
+            out.update(zip(idx, comps))
+            if on_batch is not None and (b + 1) % args.save_every == 0:
+                on_batch(out)
+    return [out[i] for i in range(len(prompt_ids))]
+
+
+# ---- plumbing: the two modes -------------------------------------------------------------
+def load_policy(bundle: llm.LLM, paths: RunPaths, tag: str) -> str | None:
+    """'base' -> no adapter; 'iter_k' -> R/policy/iter_k attached as `explainer`."""
+    if tag == "base":
+        return None
+    if not tag.startswith("iter_") or not tag[5:].isdigit():
+        raise ExpCTRError(f"--tag {tag}: expected base or iter_<k>")
+    k = int(tag[5:])
+    folder = paths.require(paths.policy(k), f"python stage3_rl.py --run-dir {paths.root} --iter {k}")
+    bundle.attach({"explainer": folder})
+    return "explainer"
+
+
+def explanations_mode(args, paths: RunPaths, model: str):
+    splits = [s for s in args.split.split(",") if s]
+    for s in splits:
+        if s not in common.SPLITS:
+            raise ExpCTRError(f"--split {s}: expected one of {', '.join(common.SPLITS)}")
+    todo = [s for s in splits if args.force or not (paths.explanations(args.tag, s).exists()
+                                                   and paths.embeddings(args.tag, s).exists())]
+    for s in set(splits) - set(todo):
+        print(f"[stage2] explanations/{args.tag}/{s} exists, skipped")
+    if not todo:
+        return
+    meta_path = paths.root / "explanations" / args.tag / "meta.json"
+    if meta_path.exists() and not args.force:
+        meta = common.read_json(meta_path)
+        if meta.get("model") != model or meta.get("encoder") != args.encoder:
+            raise ExpCTRError(f"{meta_path}: made with --model {meta.get('model')} --encoder "
+                              f"{meta.get('encoder')}, not {model} / {args.encoder}; use --force")
+    items = common.load_items(paths)
+    bundle = llm.LLM(model, args.dtype, args.device, args.threads)
+    adapter = load_policy(bundle, paths, args.tag)
+    embedder = llm.make_embedder(bundle, args.encoder, args.fwd_batch)
+    for split in todo:
+        rows = common.load_split(paths, split)
+        prompts = [common.build_prompt(r, items) for r in rows]
+        prompt_ids = [bundle.explainer_ids(p) for p in prompts]
+        part = paths.root / "explanations" / args.tag / f".{split}.partial.jsonl"
+        done = {}
+        if part.exists() and not args.force:  # resume a run killed halfway
+            done = {r["_i"]: r["ids"] for r in common.read_jsonl(part)
+                    if r.get("model") == model and r["_i"] < len(rows)}
+            print(f"[stage2] resuming {split}: {len(done)}/{len(rows)} done")
+        save = lambda out: common.write_jsonl(part, ({"_i": i, "ids": c, "model": model}
+                                                     for i, c in sorted(out.items())))
+        common.set_seed(args.seed)
+        t0 = time.time()
+        comps = generate_all(bundle, adapter, prompt_ids, args, True,
+                             f"explain {args.tag}/{split}", save, done)
+        gen_s = time.time() - t0
+        expls = [bundle.decode(c) for c in comps]
+        emb = embedder(expls)
+        common.save_npy(paths.embeddings(args.tag, split), emb.astype(np.float32))
+        common.write_jsonl(paths.explanations(args.tag, split), (
+            {"uid": r["uid"], "iid": r["iid"], "label": r["label"], "prompt": p,
+             "explanation": e, "n_tokens": len(c)}
+            for r, p, e, c in zip(rows, prompts, expls, comps)))
+        common.write_json(meta_path, {"model": model, "encoder": args.encoder, "tag": args.tag,
+                                      "max_new_tokens": args.max_new_tokens, "dim": int(emb.shape[1])})
+        part.unlink(missing_ok=True)
+        n_new = len(rows) - len(done)
+        row = common.log_metrics(paths.metrics, "stage2_reward", mode="explanations", tag=args.tag,
+                                 split=split, n=len(rows), model=model,
+                                 expl_len=float(np.mean([len(c) for c in comps])),
+                                 expl_per_s=round(n_new / max(gen_s, 1e-9), 3), seconds=round(gen_s, 1))
+        print(f"[stage2] explanations/{args.tag}/{split}: {len(rows)} rows, "
+              f"{row['expl_per_s']} expl/s, e.g. {expls[0]!r}")
+
+
+def rollout_mode(args, paths: RunPaths, model: str):
+    k = args.iter
+    out = paths.rollouts(k)
+    if out.exists() and not args.force:
+        first = common.read_jsonl(out)[:1]
+        if first and first[0].get("model") != model:
+            raise ExpCTRError(f"{out} was made with --model {first[0].get('model')}, not {model}: "
+                              f"use --force or a fresh run folder")
+        print(f"[stage2] {out} exists, skipped")
+        return
+    if k < 1:
+        raise ExpCTRError(f"--iter {k}: iterations start at 1")
+    scorer = paths.require(paths.scorer / "adapter_config.json",
+                           f"python stage1_sft.py --run-dir {paths.root}").parent
+    if args.lambda_ic > 0 and not args.aug:
+        raise ExpCTRError("--lambda-ic > 0 needs --aug R/ctr/aug_... (made by train_ctr.py "
+                          "--text-emb ... --out-name aug_...)")
+    if args.aug:
+        paths.require(Path(args.aug), "python train_ctr.py --run-dir R --model din --text-emb ... "
+                      "--init-from R/ctr/din --out-name aug_...")
+    items = common.load_items(paths)
+    train = common.load_split(paths, "train")
+    # ---- algorithm: the prompts of iteration k are a seeded sample of train [ours] ----
+    rng = np.random.default_rng([args.seed, k])
+    pick = np.sort(rng.choice(len(train), min(args.prompts_per_iter, len(train)), replace=False))
+    samples = [train[i] for i in pick for _ in range(args.k_samples)]
+    groups = [g for g in range(len(pick)) for _ in range(args.k_samples)]
+    bundle = llm.LLM(model, args.dtype, args.device, args.threads)
+    policy = "base" if k == 1 else f"iter_{k - 1}"
+    adapters = {"scorer": scorer}
+    if k > 1:  # at k=1 the fresh LoRA (B=0) equals the base: sample from the base directly
+        adapters["explainer"] = paths.require(paths.policy(k - 1), f"python stage3_rl.py --run-dir "
+                                              f"{paths.root} --iter {k - 1}")
+    bundle.attach(adapters)
+    actor = "explainer" if k > 1 else None
+    prompts = [common.build_prompt(s, items) for s in samples]
+    prompt_ids = [bundle.explainer_ids(p) for p in prompts]
+    # ---- algorithm: sample K explanations per prompt with the current explainer ----
+    torch.manual_seed(args.seed * 100003 + k)
+    t0 = time.time()
+    comps = generate_all(bundle, actor, prompt_ids, args, False, f"rollouts iter {k}")
+    gen_s = time.time() - t0
+    expls = [bundle.decode(c) for c in comps]
+    labels = [s["label"] for s in samples]
+    # ---- algorithm: rewards and the log-probs PPO needs ----
+    t1 = time.time()
+    r_lc = lc_reward(bundle, prompts, expls, labels, args.fwd_batch)
+    r_ic = None
+    if args.aug:
+        r_ic = ic_reward(args.aug, samples, llm.make_embedder(bundle, args.encoder, args.fwd_batch)(expls))
+    reward = r_lc + (args.lambda_ic * r_ic if r_ic is not None else 0.0)
+    logp_old = token_logprobs(bundle, actor, prompt_ids, comps, args.fwd_batch)
+    logp_ref = logp_old if actor is None else token_logprobs(bundle, None, prompt_ids, comps,
+                                                             args.fwd_batch)
+    score_s = time.time() - t1
+    common.write_jsonl(out, (
+        {"uid": s["uid"], "iid": s["iid"], "label": s["label"], "prompt": p, "explanation": e,
+         "prompt_ids": pi, "completion_ids": c, "r_lc": float(r_lc[i]),
+         "r_ic": None if r_ic is None else float(r_ic[i]), "reward": float(reward[i]),
+         "logp_old": lo, "logp_ref": lr, "group": g, "policy": policy, "model": model}
+        for i, (s, p, e, pi, c, lo, lr, g) in enumerate(zip(samples, prompts, expls, prompt_ids, comps,
+                                                            logp_old, logp_ref, groups))))
+    row = common.log_metrics(
+        paths.metrics, "stage2_reward", iter=k, policy=policy, model=model, n=len(samples),
+        lambda_ic=args.lambda_ic, reward=float(np.mean(reward)), r_lc=float(np.mean(r_lc)),
+        r_ic=None if r_ic is None else float(np.mean(r_ic)),
+        expl_len=float(np.mean([len(c) for c in comps])),
+        expl_per_s=round(len(samples) / gen_s, 3), gen_s=round(gen_s, 1), score_s=round(score_s, 1))
+    print(f"[stage2] iter {k}: {len(samples)} rollouts, reward {row['reward']:.4f} "
+          f"(r_lc {row['r_lc']:.4f}), {row['expl_per_s']} expl/s; e.g. {expls[0]!r}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    paths = RunPaths(args.run_dir)
+    model = llm.run_model(paths, args.model)
+    if args.iter is not None:
+        rollout_mode(args, paths, model)
+    else:
+        explanations_mode(args, paths, model)
+
+
+if __name__ == "__main__":
+    common.cli(main)

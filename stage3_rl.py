@@ -1,0 +1,207 @@
+"""PPO update of the ExpCTR explainer on one rollout file (PAPER_NOTES.md §4).
+
+Paper part: "RL with LoRA" — the explainer is tuned by PPO with the LC / IC alignment rewards.
+[ours] PPO-clip (epsilon 0.2) on sequence-level rewards: K sampled explanations per prompt,
+leave-one-out group advantage (reward minus the mean of the other K-1 samples of the same prompt),
+normalised by the batch std; a per-token KL penalty to the reference policy (base model with
+adapters off, k3 estimator, coefficient beta); a few epochs of minibatches; gradient clipping.
+A group whose rewards are all equal gets zero advantage (never NaN). The policy is kept in eval
+mode (no LoRA dropout) so the first step's ratio is exactly 1 [ours].
+
+Reads   R/rollouts/iter_k.jsonl (stage2_reward.py --iter k), R/policy/iter_{k-1}/ (k>1; at k=1 a
+        fresh LoRA, which equals the base since LoRA B=0).
+Writes  R/policy/iter_k/ (peft adapter `explainer`, PeftModel.from_pretrained-loadable) and one
+        row {"stage": "stage3_rl", iter, phase, reward, r_lc, r_ic, kl, clip_frac, entropy,
+        expl_len, tokens_per_s, ...} in R/metrics.jsonl.
+
+    python stage3_rl.py --run-dir runs/x --iter 1
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+import llm
+from common import ExpCTRError, RunPaths
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", required=True, help="run folder")
+    p.add_argument("--iter", type=int, required=True, help="PPO iteration k (reads rollouts/iter_k)")
+    p.add_argument("--model", default=None, help="base LLM (default: R/run.json's model, else "
+                   "smollm2-135m); must match the rollout file")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="seed of minibatch order and fresh LoRA init")
+    p.add_argument("--lr", type=float, default=5e-5,
+                   help="AdamW learning rate of the PPO step [ours: below the SFT 1e-4]")
+    p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clipping epsilon")
+    p.add_argument("--kl-beta", type=float, default=0.05, help="per-token KL penalty coefficient [ours]")
+    p.add_argument("--ppo-epochs", type=int, default=2, help="passes over the rollout file [ours]")
+    p.add_argument("--minibatch", type=int, default=8, help="sequences per optimizer step [ours]")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    p.add_argument("--no-adv-norm", action="store_true", help="do not divide advantages by their std")
+    p.add_argument("--force", action="store_true", help="redo even if policy/iter_k exists")
+    return p.parse_args(argv)
+
+
+# ---- algorithm: the pure math (tests call these on hand-made numbers) ----------------------
+def group_advantages(rewards, groups, normalize: bool = True, eps: float = 1e-8) -> np.ndarray:
+    """Leave-one-out advantage: A_i = r_i - mean_{j != i, same group} r_j, then divided by the
+    batch std. A group whose rewards are all equal (or a group of one) gets exactly 0."""
+    r = np.asarray(rewards, dtype=np.float64)
+    g = np.asarray(groups)
+    adv = np.zeros_like(r)
+    for gid in np.unique(g):
+        idx = np.flatnonzero(g == gid)
+        k = len(idx)
+        if k < 2 or np.ptp(r[idx]) < 1e-12:
+            continue
+        others_mean = (r[idx].sum() - r[idx]) / (k - 1)
+        adv[idx] = r[idx] - others_mean
+    if normalize:
+        std = adv.std()
+        adv = adv / (std + eps) if std > 1e-12 else np.zeros_like(adv)
+    return adv
+
+
+def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || pi_ref): exp(d) - d - 1 with d = logp_ref - logp;
+    >= 0, and exactly 0 where the policy equals the reference."""
+    d = logp_ref - logp
+    return torch.exp(d) - d - 1
+
+
+def ppo_loss(logp, logp_old, logp_ref, adv, mask, clip_eps: float = 0.2, kl_beta: float = 0.0):
+    """PPO-clip surrogate + beta * k3 KL, tokens averaged per sequence, then over the batch.
+    logp/logp_old/logp_ref/mask: [B, L]; adv: [B] (sequence-level, shared by its tokens).
+    Returns (loss, stats dict of floats)."""
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp(logp - logp_old)
+    a = adv[:, None]
+    pg = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps))
+    kl = k3_kl(logp, logp_ref)
+    per_tok = pg + kl_beta * kl
+    n = mask.sum(1).clamp(min=1)
+    loss = ((per_tok * mask).sum(1) / n).mean()
+    with torch.no_grad():
+        clipped = ((ratio - 1).abs() > clip_eps).to(logp.dtype)
+        stats = {"pg_loss": float(((pg * mask).sum(1) / n).mean()),
+                 "kl": float(((kl * mask).sum(1) / n).mean()),
+                 "clip_frac": float((clipped * mask).sum() / mask.sum().clamp(min=1)),
+                 "ratio": float((ratio * mask).sum() / mask.sum().clamp(min=1))}
+    return loss, stats
+
+
+def pad(seqs: list, value: float = 0.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of 1-D tensors / lists -> right-padded [B, L] float tensor and its mask."""
+    L = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), L), value, dtype=torch.float32, device=device)
+    mask = torch.zeros((len(seqs), L), dtype=torch.bool, device=device)
+    for i, s in enumerate(seqs):
+        t = s if torch.is_tensor(s) else torch.tensor(s, dtype=torch.float32)
+        out[i, :len(s)] = t.to(device=device, dtype=torch.float32)
+        mask[i, :len(s)] = True
+    return out, mask
+
+
+# ---- plumbing: inputs, the update loop, outputs ------------------------------------------
+def load_rollouts(paths: RunPaths, k: int, model: str) -> list[dict]:
+    f = paths.require(paths.rollouts(k), f"python stage2_reward.py --run-dir {paths.root} --iter {k}")
+    rows = common.read_jsonl(f)
+    want_policy = "base" if k == 1 else f"iter_{k - 1}"
+    need = ("prompt_ids", "completion_ids", "logp_old", "logp_ref", "reward", "group")
+    for i, r in enumerate(rows, 1):
+        for key in need:
+            if key not in r:
+                raise ExpCTRError(f"{f}:{i}: missing field '{key}'")
+        if r.get("model") != model:
+            raise ExpCTRError(f"{f}:{i}: sampled with --model {r.get('model')}, not {model}: rerun "
+                              f"`python stage2_reward.py --run-dir {paths.root} --iter {k} --force` "
+                              f"or pass --model {r.get('model')}")
+        if r.get("policy") != want_policy:
+            raise ExpCTRError(f"{f}:{i}: sampled by policy {r.get('policy')}, but iteration {k} updates "
+                              f"{want_policy}: rerun `python stage2_reward.py --run-dir {paths.root} "
+                              f"--iter {k} --force`")
+        if len(r["logp_old"]) != len(r["completion_ids"]) or len(r["logp_ref"]) != len(r["completion_ids"]):
+            raise ExpCTRError(f"{f}:{i}: logp_old/logp_ref and completion_ids differ in length")
+    if not rows:
+        raise ExpCTRError(f"{f}: no rollouts")
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    paths = RunPaths(args.run_dir)
+    model = llm.run_model(paths, args.model)
+    k = args.iter
+    if (paths.policy(k) / "adapter_config.json").exists() and not args.force:
+        print(f"[stage3] {paths.policy(k)} exists, skipped")
+        return
+    rows = load_rollouts(paths, k, model)
+    common.set_seed(args.seed + k)
+    bundle = llm.LLM(model, args.dtype, args.device, args.threads)
+    prev = None if k == 1 else paths.require(paths.policy(k - 1), f"python stage3_rl.py --run-dir "
+                                             f"{paths.root} --iter {k - 1}")
+    bundle.attach({"explainer": prev})
+    params = bundle.trainable("explainer")
+    bundle.model.eval()  # [ours] no LoRA dropout: ratio == 1 before the first step
+    opt = torch.optim.AdamW(params, lr=args.lr)
+
+    rewards = np.array([r["reward"] for r in rows])
+    adv_all = group_advantages(rewards, [r["group"] for r in rows], normalize=not args.no_adv_norm)
+    phase = "ic" if any(r.get("r_ic") is not None and abs(r["reward"] - r["r_lc"]) > 1e-12
+                        for r in rows) else "lc"
+    rng = np.random.default_rng([args.seed, k])
+    stats, ents, n_tok, t0 = [], [], 0, time.time()
+    steps = [(e, s) for e in range(args.ppo_epochs) for s in range(0, len(rows), args.minibatch)]
+    order = None
+    with bundle.use("explainer"):
+        for e, s in tqdm(steps, desc=f"ppo iter {k}", unit=" step"):
+            if s == 0:
+                order = rng.permutation(len(rows))
+            mb = [rows[i] for i in order[s:s + args.minibatch]]
+            # ---- algorithm: one PPO minibatch step ----
+            new, ent = bundle.completion_logprobs([r["prompt_ids"] for r in mb],
+                                                  [r["completion_ids"] for r in mb], entropy=True)
+            logp = torch.nn.utils.rnn.pad_sequence([x.float() for x in new], batch_first=True)
+            old, mask = pad([r["logp_old"] for r in mb], device=bundle.device)
+            ref, _ = pad([r["logp_ref"] for r in mb], device=bundle.device)
+            adv = torch.tensor(adv_all[order[s:s + args.minibatch]], dtype=torch.float32,
+                               device=bundle.device)
+            loss, st = ppo_loss(logp, old, ref, adv, mask, args.clip_eps, args.kl_beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+            opt.step()
+            st["loss"] = float(loss)
+            stats.append(st)
+            ents.append(float(torch.cat(ent).float().mean()))
+            n_tok += sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in mb)
+    secs = time.time() - t0
+    mean = lambda key: float(np.mean([s[key] for s in stats]))
+    r_ic = [r["r_ic"] for r in rows if r.get("r_ic") is not None]
+    row = common.log_metrics(
+        paths.metrics, "stage3_rl", iter=k, phase=phase, model=model, n=len(rows),
+        reward=float(rewards.mean()), r_lc=float(np.mean([r["r_lc"] for r in rows])),
+        r_ic=float(np.mean(r_ic)) if r_ic else None, kl=mean("kl"), clip_frac=mean("clip_frac"),
+        entropy=float(np.mean(ents)), expl_len=float(np.mean([len(r["completion_ids"]) for r in rows])),
+        loss=mean("loss"), pg_loss=mean("pg_loss"), grad_norm=mean("grad_norm"),
+        kl_last=stats[-1]["kl"], clip_frac_last=stats[-1]["clip_frac"],
+        tokens_per_s=round(n_tok / secs, 1), seconds=round(secs, 1), lr=args.lr, kl_beta=args.kl_beta)
+    bundle.save_adapter("explainer", paths.policy(k), iter=k, rollouts=str(paths.rollouts(k)))
+    print(f"[stage3] iter {k} ({phase}): reward {row['reward']:.4f}, KL {row['kl']:.5f}, clip "
+          f"{row['clip_frac']:.3f}, entropy {row['entropy']:.3f}, {row['tokens_per_s']} tokens/s "
+          f"-> {paths.policy(k)}")
+
+
+if __name__ == "__main__":
+    common.cli(main)

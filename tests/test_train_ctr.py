@@ -1,0 +1,181 @@
+"""train_ctr.py: models train and round-trip, ExpCTR-Aug text input and warm start, no label
+leakage from valid/test, determinism, one-line errors, the synthetic world is learnable."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+import data_prep  # noqa: E402
+import train_ctr  # noqa: E402
+
+FAST = ["--epochs", "2", "--batch-size", "256"]
+
+
+def train(run, *args):
+    train_ctr.main(["--run-dir", str(run), *map(str, args)])
+
+
+def saved_preds(run, name, split="test"):
+    return np.array([r["p"] for r in common.read_jsonl(Path(run) / "ctr" / name / f"preds_{split}.jsonl")])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    r = tmp_path_factory.mktemp("ctr") / "run"
+    data_prep.main(["--run-dir", str(r), "--dataset", "synthetic", "--n-users", "60",
+                    "--n-items", "40", "--n-interactions", "3000", "--history-len", "5"])
+    rng = np.random.default_rng(0)
+    for s in common.SPLITS:  # fake explanation embeddings in both supported formats
+        rows = common.load_split(common.RunPaths(r), s)
+        emb = rng.normal(size=(len(rows), 8)).astype(np.float32)
+        np.save(r / f"emb_{s}.npy", emb)
+        common.write_jsonl(r / f"emb_{s}.jsonl", ({"uid": x["uid"], "iid": x["iid"], "ts": x["ts"],
+                                                   "emb": e.tolist()} for x, e in zip(rows, emb)))
+    return r
+
+
+@pytest.mark.parametrize("model", ["deepfm", "dcnv2", "din", "popularity", "logreg"])
+def test_train_and_round_trip(run, model):
+    train(run, "--model", model, *FAST)
+    out = run / "ctr" / model
+    m = common.read_json(out / "metrics.json")
+    assert m["model"] == model and m["text_emb"] is None and m["init_from"] is None
+    for split in ("valid", "test"):
+        assert set(m[split]) == {"auc", "logloss", "gauc", "n"} and 0.3 < m[split]["auc"] <= 1
+    p = train_ctr.load_checkpoint(out)
+    assert p.model_name == model and p.text_dim == 0
+    test = common.load_split(common.RunPaths(run), "test")
+    got = p.predict(test)
+    assert got.dtype == np.float64 and got.shape == (len(test),)
+    np.testing.assert_allclose(got, saved_preds(run, model), rtol=0, atol=1e-6)
+    assert np.allclose(p.predict(test[:7]), got[:7], atol=1e-6)  # batch-size independent
+    logged = [r for r in common.read_jsonl(run / "metrics.jsonl") if r.get("model") == model]
+    assert logged and logged[-1].get("final")
+    if model in train_ctr.TORCH_MODELS:
+        assert [r["epoch"] for r in logged if "epoch" in r][-2:] == [1, 2]
+        assert "valid_auc" in logged[0]
+
+
+@pytest.mark.parametrize("model", ["deepfm", "dcnv2", "din"])
+def test_text_emb_and_warm_start(run, model):
+    if not (run / "ctr" / model / "model.pt").exists():
+        train(run, "--model", model, *FAST)
+    id_pred = train_ctr.load_checkpoint(run / "ctr" / model)
+    # warm start: an Aug net initialised from the ID net predicts what the ID net predicted
+    cfg = dict(id_pred.cfg, text_dim=8)
+    net = train_ctr.CTRNet(cfg)
+    n = train_ctr.warm_start(net, id_pred.ckpt["state_dict"], cfg)
+    assert n == len(id_pred.ckpt["state_dict"])
+    test = common.load_split(common.RunPaths(run), "test")
+    emb = np.load(run / "emb_test.npy")
+    feats = train_ctr.featurize(test, id_pred.vocab)
+    aug0 = train_ctr.predict_net(net, feats, torch.from_numpy(emb), 512)
+    if model != "deepfm":  # DeepFM's FM term sees the text field from the start
+        np.testing.assert_allclose(aug0, id_pred.predict(test), atol=1e-5)
+    # trained Aug model round-trips, with text from .npy or from .jsonl
+    train(run, "--model", model, "--out-name", f"{model}_aug", "--text-emb",
+          str(run / "emb_{split}.npy"), "--init-from", run / "ctr" / model, *FAST)
+    p = train_ctr.load_checkpoint(run / "ctr" / f"{model}_aug")
+    assert p.text_dim == 8 and p.model_name == model
+    np.testing.assert_allclose(p.predict(test, emb), saved_preds(run, f"{model}_aug"), atol=1e-6)
+    m = common.read_json(run / "ctr" / f"{model}_aug" / "metrics.json")
+    assert m["text_emb"].endswith("emb_{split}.npy") and m["init_from"]
+    with pytest.raises(common.ExpCTRError):
+        p.predict(test)  # text required
+    if model == "din":
+        train(run, "--model", model, "--out-name", "din_aug_jsonl", "--text-emb",
+              str(run / "emb_{split}.jsonl"), "--init-from", run / "ctr" / model, *FAST)
+        a = common.read_json(run / "ctr" / "din_aug" / "metrics.json")
+        b = common.read_json(run / "ctr" / "din_aug_jsonl" / "metrics.json")
+        assert a["test"] == b["test"]
+
+
+def test_determinism_and_skip(run, capsys):
+    for name in ("det_a", "det_b"):
+        train(run, "--model", "din", "--out-name", name, *FAST)
+    a = common.read_json(run / "ctr/det_a/metrics.json")
+    b = common.read_json(run / "ctr/det_b/metrics.json")
+    for k in ("valid", "test", "best_epoch"):
+        assert a[k] == b[k]
+    assert saved_preds(run, "det_a").tolist() == saved_preds(run, "det_b").tolist()
+    train(run, "--model", "din", "--out-name", "det_a", *FAST)
+    assert "skip" in capsys.readouterr().out
+    train(run, "--model", "din", "--out-name", "det_c", "--seed", "1", *FAST)
+    assert common.read_json(run / "ctr/det_c/metrics.json")["test"] != a["test"]
+
+
+def flipped_copy(run: Path, dest: Path, splits) -> Path:
+    (dest / "data").mkdir(parents=True)
+    for f in (run / "data").iterdir():
+        shutil.copy(f, dest / "data" / f.name)
+    for s in splits:
+        rows = common.load_split(common.RunPaths(dest), s)
+        for r in rows:
+            r["label"] = 1 - r["label"]
+        common.write_jsonl(dest / "data" / f"{s}.jsonl", rows)
+    return dest
+
+
+def state(path):
+    return torch.load(path / "model.pt", weights_only=True)["state_dict"]
+
+
+def test_eval_labels_never_train(run, tmp_path):
+    # flipping every test label changes nothing about the model or its valid predictions
+    flip = flipped_copy(run, tmp_path / "flip_test", ["test"])
+    for r in (run, flip):
+        train(r, "--model", "deepfm", "--out-name", "leak", *FAST)
+    sa, sb = state(run / "ctr/leak"), state(flip / "ctr/leak")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert saved_preds(run, "leak", "valid").tolist() == saved_preds(flip, "leak", "valid").tolist()
+    # flipping valid labels too: with one epoch (no model selection) the weights are identical
+    flip2 = flipped_copy(run, tmp_path / "flip_all", ["valid", "test"])
+    for r in (run, flip2):
+        train(r, "--model", "din", "--out-name", "leak1", "--epochs", "1")
+    sa, sb = state(run / "ctr/leak1"), state(flip2 / "ctr/leak1")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # popularity uses train labels only
+    for r in (run, flip2):
+        train(r, "--model", "popularity", "--out-name", "pop_leak")
+    assert saved_preds(run, "pop_leak").tolist() == saved_preds(flip2, "pop_leak").tolist()
+
+
+def test_text_emb_row_mismatch_is_one_line(run, tmp_path):
+    np.save(tmp_path / "bad_train.npy", np.zeros((3, 8), np.float32))
+    res = subprocess.run([sys.executable, str(ROOT / "train_ctr.py"), "--run-dir", str(run),
+                          "--model", "din", "--out-name", "bad", "--text-emb",
+                          str(tmp_path / "bad_{split}.npy")], capture_output=True, text=True, cwd=ROOT)
+    lines = res.stderr.strip().splitlines()
+    n_train = len(common.load_split(common.RunPaths(run), "train"))
+    assert res.returncode != 0 and len(lines) == 1, res.stderr
+    assert "bad_train.npy" in lines[0] and f"expected {n_train} rows" in lines[0]
+    assert not (run / "ctr" / "bad").exists()
+
+
+def test_evaluate_predictions_gauc():
+    y = [1, 0, 1, 0, 1, 1, 0]
+    p = [0.9, 0.1, 0.2, 0.8, 0.5, 0.6, 0.7]
+    u = ["a", "a", "b", "b", "c", "c", "c"]
+    m = train_ctr.evaluate_predictions(y, p, u)
+    # users: a auc 1 (2 imps), b auc 0 (2 imps), c auc 0 (3 imps) -> (2*1 + 0 + 0) / 7
+    assert m["gauc"] == pytest.approx(2 / 7) and m["n"] == 7
+    assert 0 < m["auc"] < 1 and m["logloss"] > 0
+
+
+def test_synthetic_world_is_learnable(tmp_path):
+    """The planted signal is strong enough for DIN (default synthetic world)."""
+    r = tmp_path / "syn"
+    data_prep.main(["--run-dir", str(r), "--dataset", "synthetic"])
+    train(r, "--model", "din", "--epochs", "12")
+    m = common.read_json(r / "ctr/din/metrics.json")
+    assert m["test"]["auc"] > 0.75, m["test"]

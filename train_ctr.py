@@ -1,0 +1,477 @@
+"""ID-based CTR models (DeepFM, DCNv2, DIN, popularity, logistic regression) and ExpCTR-Aug.
+
+Paper part: the "traditional ID-based CTR model" of IC alignment and stage 2, "CTR model training
+with textual features" (PAPER_NOTES.md §3, §5): with --text-emb the explanation embedding of each
+sample is projected (LayerNorm + Linear to emb_dim) and concatenated with the ID feature
+embeddings before the MLP / cross layers (ExpCTR-Aug); --init-from warm-starts it from the
+ID-only checkpoint. stage2_reward.py uses `load_checkpoint(...).predict` for the IC reward.
+
+Reads   runs/X/data/{train,valid,test}.jsonl, items.jsonl, meta.json (data_prep.py);
+        optional text embeddings --text-emb 'runs/X/explanations/<tag>/{split}.npy' (row-aligned
+        with data/<split>.jsonl) or '.../{split}.jsonl' with uid/iid/emb keys.
+Writes  runs/X/ctr/<out-name>/{model.pt, metrics.json, preds_valid.jsonl, preds_test.jsonl}
+        (one atomic folder); appends one line per epoch to runs/X/metrics.jsonl.
+
+    python train_ctr.py --run-dir runs/ml100k --model din
+    python train_ctr.py --run-dir runs/ml100k --model din --out-name din_aug \
+        --text-emb 'runs/ml100k/explanations/iter_3/{split}.npy' --init-from runs/ml100k/ctr/din
+
+Python API: load_checkpoint(path) -> CTRPredictor (.predict(samples, text_emb=None) -> float64
+probabilities, .text_dim, .model_name); evaluate_predictions(labels, probs, uids) -> dict.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from sklearn.metrics import log_loss, roc_auc_score
+from tqdm import tqdm
+
+import common
+from common import ExpCTRError, RunPaths
+
+MODELS = ("deepfm", "dcnv2", "din", "popularity", "logreg")
+TORCH_MODELS = ("deepfm", "dcnv2", "din")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", required=True, help="run folder made by data_prep.py")
+    p.add_argument("--model", required=True, choices=MODELS, help="which CTR model")
+    p.add_argument("--out-name", default=None, help="output folder ctr/<out-name> (default: model)")
+    p.add_argument("--text-emb", default=None, help="path pattern with {split}: .npy row-aligned "
+                   "with data/<split>.jsonl, or .jsonl with uid/iid/emb keys (ExpCTR-Aug)")
+    p.add_argument("--init-from", default=None, help="warm-start from this ID-only checkpoint "
+                   "folder (matching parameters are loaded, text projection starts fresh)")
+    p.add_argument("--epochs", type=int, default=20, help="maximum epochs")
+    p.add_argument("--batch-size", type=int, default=1024, help="training batch size")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    p.add_argument("--emb-dim", type=int, default=16, help="embedding size of every field")
+    p.add_argument("--mlp", default="128,64", help="hidden sizes of the MLP tower")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout in the MLP tower")
+    p.add_argument("--patience", type=int, default=3,
+                   help="stop after this many epochs without a better valid AUC")
+    p.add_argument("--smoothing", type=float, default=20.0,
+                   help="popularity: pseudo-count pulling an item's rate to the global rate")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--force", action="store_true", help="retrain even if metrics.json exists")
+    return p.parse_args(argv)
+
+
+# ---- plumbing: metrics ----------------------------------------------------------------------
+def evaluate_predictions(labels, probs, uids) -> dict:
+    """AUC, LogLoss (sklearn), gAUC = impression-weighted mean per-user AUC over users having
+    both labels, n. AUC is NaN when only one label is present."""
+    y = np.asarray(labels, dtype=np.int64)
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+    u = np.asarray(uids)
+    both = len(np.unique(y)) == 2
+    out = {"auc": float(roc_auc_score(y, p)) if both else float("nan"),
+           "logloss": float(log_loss(y, p, labels=[0, 1])) if len(y) else float("nan")}
+    num = den = 0.0
+    order = np.argsort(u, kind="stable")
+    us, starts = np.unique(u[order], return_index=True)
+    for a, b in zip(starts, list(starts[1:]) + [len(u)]):
+        idx = order[a:b]
+        if 0 < y[idx].sum() < len(idx):
+            num += len(idx) * roc_auc_score(y[idx], p[idx])
+            den += len(idx)
+    out["gauc"] = float(num / den) if den else float("nan")
+    out["n"] = int(len(y))
+    return out
+
+
+# ---- plumbing: features (vocabulary from train only; index 0 = unknown / padding) -----------
+def build_vocab(train: list[dict], items: dict[str, dict], user_fields: list[str]) -> dict:
+    def index(values):
+        return {v: i + 1 for i, v in enumerate(sorted(set(values)))}
+    genres = index(g for s in train for g in items.get(s["iid"], {}).get("genres", []))
+    # genres are catalogue content (known for any item), so each catalogue item keeps its genres
+    item_genres = {iid: [genres[g] for g in it["genres"] if g in genres]
+                   for iid, it in items.items()}
+    return {"uid": index(s["uid"] for s in train), "iid": index(s["iid"] for s in train),
+            "genre": genres, "item_genres": {k: v for k, v in item_genres.items() if v},
+            "user_fields": list(user_fields),
+            "field": {f: index(str(s.get("user", {}).get(f, "")) for s in train)
+                      for f in user_fields},
+            "max_genres": max([len(v) for v in item_genres.values()] + [1]),
+            "hist_len": max([len(s["hist"]) for s in train] + [1])}
+
+
+def featurize(samples: list[dict], vocab: dict) -> dict[str, torch.Tensor]:
+    """All model inputs as tensors, built once per split."""
+    n, K, G = len(samples), vocab["hist_len"], vocab["max_genres"]
+    uv, iv, ig = vocab["uid"], vocab["iid"], vocab["item_genres"]
+    uid = np.zeros(n, np.int64); iid = np.zeros(n, np.int64); tgen = np.zeros((n, G), np.int64)
+    hid = np.zeros((n, K), np.int64); hlab = np.zeros((n, K), np.int64)
+    hgen = np.zeros((n, K, G), np.int64)
+    prof = np.zeros((n, max(1, len(vocab["user_fields"]))), np.int64)
+    for r, s in enumerate(samples):
+        uid[r] = uv.get(s["uid"], 0); iid[r] = iv.get(s["iid"], 0)
+        g = ig.get(s["iid"], [])[:G]; tgen[r, :len(g)] = g
+        hist = s["hist"][-K:]
+        for j, (h, lab) in enumerate(hist):
+            hid[r, j] = iv.get(h, 0)
+            hlab[r, j] = 2 if lab == 1 else 1  # 0 pad, 1 disliked, 2 liked
+            g = ig.get(h, [])[:G]; hgen[r, j, :len(g)] = g
+        user = s.get("user", {})
+        for f, name in enumerate(vocab["user_fields"]):
+            prof[r, f] = vocab["field"][name].get(str(user.get(name, "")), 0)
+    return {k: torch.from_numpy(v) for k, v in dict(uid=uid, iid=iid, tgen=tgen, hid=hid,
+            hlab=hlab, hgen=hgen, prof=prof).items()}
+
+
+def load_text_emb(pattern: str, split: str, samples: list[dict]) -> np.ndarray:
+    """Text embeddings of one split, row-aligned with data/<split>.jsonl."""
+    path = Path(pattern.format(split=split))
+    if not path.exists():
+        raise ExpCTRError(f"{path}: file not found (--text-emb {pattern})")
+    if path.suffix == ".npy":
+        arr = np.load(path)
+        if arr.ndim != 2 or arr.shape[0] != len(samples):
+            raise ExpCTRError(f"{path}: expected {len(samples)} rows (one per line of "
+                              f"data/{split}.jsonl) of a 2-D array, got shape {arr.shape}")
+        return arr.astype(np.float32)
+    rows = common.read_jsonl(path, {"uid": str, "iid": str, "emb": list})
+    by_key = {(r["uid"], r["iid"], r.get("ts")): r["emb"] for r in rows}
+    by_pair = {(r["uid"], r["iid"]): r["emb"] for r in rows}
+    out = []
+    for s in samples:
+        e = by_key.get((s["uid"], s["iid"], s["ts"]), by_pair.get((s["uid"], s["iid"])))
+        if e is None:
+            raise ExpCTRError(f"{path}: no 'emb' for uid={s['uid']} iid={s['iid']} "
+                              f"(expected one row per sample of data/{split}.jsonl)")
+        out.append(e)
+    return np.asarray(out, dtype=np.float32)
+
+
+# ---- algorithm: the models --------------------------------------------------------------
+def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+class CTRNet(nn.Module):
+    """Shared embeddings + one of three heads. Fields (each emb_dim wide): user, item, target
+    genres (mean), each user-profile field, history (DIN: target attention; DeepFM/DCNv2:
+    mean of liked and mean of disliked history items), and the projected text embedding."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = c = cfg
+        d = c["emb_dim"]
+        self.user = nn.Embedding(c["n_uid"] + 1, d)
+        self.item = nn.Embedding(c["n_iid"] + 1, d)
+        self.genre = nn.Embedding(c["n_genre"] + 1, d, padding_idx=0)
+        self.fields = nn.ModuleList(nn.Embedding(n + 1, d) for n in c["n_field"])
+        self.sign = nn.Embedding(3, d, padding_idx=0)  # pad / disliked / liked
+        for emb in [self.user, self.item, self.genre, self.sign, *self.fields]:
+            nn.init.normal_(emb.weight, std=0.05)  # [ours] small init keeps the FM term tame
+            if emb.padding_idx is not None:
+                nn.init.zeros_(emb.weight[emb.padding_idx])
+        if c["text_dim"]:  # [paper] explanation embedding joins the ID features (ExpCTR-Aug)
+            self.text_proj = nn.Sequential(nn.LayerNorm(c["text_dim"]), nn.Linear(c["text_dim"], d))
+        n_fields = 3 + len(c["n_field"]) + 2 + (1 if c["text_dim"] else 0)
+        width = n_fields * d
+        hidden = [int(h) for h in c["mlp"].split(",") if h]
+        if c["model"] == "din":
+            # [ours] DIN attention unit on [q, k, q-k, q*k, sign]; query/key = item + genre mean
+            self.att = nn.Sequential(nn.Linear(5 * d, 36), nn.PReLU(), nn.Linear(36, 1))
+        if c["model"] == "deepfm":
+            self.lin_user = nn.Embedding(c["n_uid"] + 1, 1)
+            self.lin_item = nn.Embedding(c["n_iid"] + 1, 1)
+            self.lin_genre = nn.Embedding(c["n_genre"] + 1, 1, padding_idx=0)
+            nn.init.zeros_(self.lin_user.weight); nn.init.zeros_(self.lin_item.weight)
+        if c["model"] == "dcnv2":  # [ours] 3 full-rank cross layers, parallel to the deep tower
+            self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(3))
+        self.deep = mlp([width] + hidden, c["dropout"])
+        self.out = nn.Linear(hidden[-1] + (width if c["model"] == "dcnv2" else 0), 1)
+
+    def genre_mean(self, g):  # g [..., G] -> [..., d]
+        m = (g > 0).float().unsqueeze(-1)
+        return (self.genre(g) * m).sum(-2) / m.sum(-2).clamp(min=1)
+
+    def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
+        u, i, g = self.user(b["uid"]), self.item(b["iid"]), self.genre_mean(b["tgen"])
+        prof = [emb(b["prof"][:, f]) for f, emb in enumerate(self.fields)]
+        hk = self.item(b["hid"]) + self.genre_mean(b["hgen"])       # [B, K, d]
+        sign, mask = self.sign(b["hlab"]), (b["hlab"] > 0).float()  # [B, K, d], [B, K]
+        if self.cfg["model"] == "din":
+            q = (i + g).unsqueeze(1).expand_as(hk)
+            w = self.att(torch.cat([q, hk, q - hk, q * hk, sign], -1)).squeeze(-1)
+            w = w * mask  # DIN: no softmax, padded positions weigh 0
+            hist = [(w.unsqueeze(-1) * hk).sum(1), (w.unsqueeze(-1) * sign).sum(1)]
+        else:
+            liked, disl = (b["hlab"] == 2).float(), (b["hlab"] == 1).float()
+            pool = lambda m: (hk * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+            hist = [pool(liked), pool(disl)]
+        fields = [u, i, g] + prof + hist
+        if self.cfg["text_dim"]:
+            fields.append(self.text_proj(text))
+        x = torch.cat(fields, -1)
+        if self.cfg["model"] == "dcnv2":
+            xl = x
+            for layer in self.cross:
+                xl = x * layer(xl) + xl
+            return self.out(torch.cat([xl, self.deep(x)], -1)).squeeze(-1)
+        logit = self.out(self.deep(x)).squeeze(-1)
+        if self.cfg["model"] == "deepfm":
+            e = torch.stack(fields, 1)  # FM second order over the fields
+            fm = 0.5 * (e.sum(1).pow(2) - e.pow(2).sum(1)).sum(-1)
+            gm = (b["tgen"] > 0).float()
+            first = self.lin_user(b["uid"]) + self.lin_item(b["iid"]) + \
+                ((self.lin_genre(b["tgen"]).squeeze(-1) * gm).sum(-1, keepdim=True))
+            logit = logit + fm + first.squeeze(-1)
+        return logit
+
+
+# ---- plumbing: predictor (the Python API) -----------------------------------------------
+class CTRPredictor:
+    """A loaded checkpoint: .predict(samples, text_emb=None) -> float64 probabilities."""
+
+    def __init__(self, ckpt: dict):
+        self.ckpt, self.vocab, self.cfg = ckpt, ckpt["vocab"], ckpt["config"]
+        self.model_name = self.cfg["model"]
+        self.text_dim = int(self.cfg.get("text_dim", 0))
+        if self.model_name in TORCH_MODELS:
+            self.net = CTRNet(self.cfg)
+            self.net.load_state_dict(ckpt["state_dict"])
+            self.net.eval()
+
+    def predict(self, samples: list[dict], text_emb: np.ndarray | None = None,
+                batch_size: int = 4096) -> np.ndarray:
+        if self.text_dim and (text_emb is None or np.shape(text_emb) != (len(samples), self.text_dim)):
+            raise ExpCTRError(f"{self.model_name}: expected text_emb of shape "
+                              f"({len(samples)}, {self.text_dim}), got "
+                              f"{None if text_emb is None else np.shape(text_emb)}")
+        if not samples:
+            return np.zeros(0, np.float64)
+        if self.model_name == "popularity":
+            rates, prior = self.ckpt["state_dict"]["rate"], self.cfg["prior"]
+            return np.array([rates.get(s["iid"], prior) for s in samples], np.float64)
+        if self.model_name == "logreg":
+            X = onehot(samples, self.vocab)
+            w = self.ckpt["state_dict"]["coef"].double().numpy()
+            z = X @ w + float(self.ckpt["state_dict"]["intercept"])
+            return 1.0 / (1.0 + np.exp(-z))
+        feats = featurize(samples, self.vocab)
+        text = torch.from_numpy(np.asarray(text_emb, np.float32)) if self.text_dim else None
+        return predict_net(self.net, feats, text, batch_size)
+
+
+@torch.no_grad()
+def predict_net(net, feats, text, batch_size) -> np.ndarray:
+    net.eval()
+    n, out = len(feats["uid"]), []
+    for a in range(0, n, batch_size):
+        b = {k: v[a:a + batch_size] for k, v in feats.items()}
+        out.append(torch.sigmoid(net(b, None if text is None else text[a:a + batch_size])))
+    return torch.cat(out).double().numpy()
+
+
+def load_checkpoint(path) -> CTRPredictor:
+    """path: a ctr/<name> folder or its model.pt (torch.load with weights_only, no pickle)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.exists():
+        raise ExpCTRError(f"{path}: checkpoint not found (run train_ctr.py first)")
+    return CTRPredictor(torch.load(path, map_location="cpu", weights_only=True))
+
+
+# ---- algorithm: popularity and logistic regression baselines ------------------------------
+def onehot(samples, vocab):
+    """Sparse one-hot [user | item | genres] for logreg; unknown ids -> column 0 of each block."""
+    import scipy.sparse as sp
+    nu, ni = len(vocab["uid"]) + 1, len(vocab["iid"]) + 1
+    rows, cols = [], []
+    for r, s in enumerate(samples):
+        rows += [r, r]; cols += [vocab["uid"].get(s["uid"], 0), nu + vocab["iid"].get(s["iid"], 0)]
+        for g in vocab["item_genres"].get(s["iid"], []):
+            rows.append(r); cols.append(nu + ni + g)
+    X = sp.csr_matrix((np.ones(len(rows)), (rows, cols)),
+                      shape=(len(samples), nu + ni + len(vocab["genre"]) + 1))
+    return X
+
+
+def fit_baseline(args, data, vocab, cfg):
+    train = data["train"]
+    if args.model == "popularity":
+        y = np.array([s["label"] for s in train]); prior = float(y.mean())
+        pos, cnt = {}, {}
+        for s in train:
+            pos[s["iid"]] = pos.get(s["iid"], 0) + s["label"]; cnt[s["iid"]] = cnt.get(s["iid"], 0) + 1
+        a = args.smoothing
+        cfg["prior"] = prior
+        return {"rate": {i: (pos[i] + a * prior) / (cnt[i] + a) for i in cnt}}, 0
+    from sklearn.linear_model import LogisticRegression
+    X, y = onehot(train, vocab), np.array([s["label"] for s in train])
+    Xv, yv = onehot(data["valid"], vocab), np.array([s["label"] for s in data["valid"]])
+    best = None  # [ours] C chosen on valid AUC from a small grid
+    for C in tqdm([0.01, 0.1, 1.0], desc="logreg C", disable=None):
+        clf = LogisticRegression(C=C, max_iter=2000).fit(X, y)
+        auc = roc_auc_score(yv, clf.predict_proba(Xv)[:, 1])
+        if best is None or auc > best[0]:
+            best = (auc, C, clf)
+    cfg["C"] = best[1]
+    return {"coef": torch.from_numpy(best[2].coef_[0].astype(np.float64)),
+            "intercept": torch.tensor(float(best[2].intercept_[0]))}, 0
+
+
+def warm_start(net: CTRNet, old: dict, cfg: dict) -> int:
+    """Load an ID-only state into a text-augmented net. [ours] Layers that grew because the
+    text field was appended (last emb_dim inputs) get the old weights in their ID block and
+    zeros in the text block, so the Aug model starts out predicting exactly what the ID model
+    did; the text projection itself starts fresh (random, so its gradient is not zero)."""
+    own, d = net.state_dict(), cfg["emb_dim"]
+    w_new = own["deep.0.weight"].shape[1]; w_old = w_new - (d if cfg["text_dim"] else 0)
+    n = 0
+    for k, v in old.items():
+        if k not in own:
+            continue
+        t = own[k].clone()
+        if t.shape == v.shape:
+            t = v.clone()
+        elif k == "deep.0.weight" or (k.startswith("cross.") and k.endswith("weight")):
+            t.zero_(); t[:v.shape[0], :v.shape[1]] = v
+        elif k.startswith("cross.") and k.endswith("bias"):
+            t.zero_(); t[:v.shape[0]] = v
+        elif k == "out.weight" and cfg["model"] == "dcnv2":  # inputs: [cross out | deep out]
+            t.zero_(); t[:, :w_old] = v[:, :w_old]; t[:, w_new:] = v[:, w_old:]
+        else:
+            continue
+        own[k] = t; n += 1
+    net.load_state_dict(own)
+    return n
+
+
+# ---- algorithm: training loop (Adam, early stopping on valid AUC, best checkpoint kept) ----
+def train_net(args, data, vocab, cfg, text, paths, out_name):
+    torch.manual_seed(args.seed)
+    net = CTRNet(cfg)
+    if args.init_from:
+        init = torch.load(Path(args.init_from) / "model.pt", map_location="cpu", weights_only=True)
+        n = warm_start(net, init["state_dict"], cfg)
+        print(f"[train_ctr] warm start: {n}/{len(net.state_dict())} tensors from {args.init_from}")
+    feats = {s: featurize(data[s], vocab) for s in ("train", "valid")}
+    y = torch.tensor([s["label"] for s in data["train"]], dtype=torch.float32)
+    yv = [s["label"] for s in data["valid"]]; uv = [s["uid"] for s in data["valid"]]
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    gen = torch.Generator().manual_seed(args.seed)  # seeded batch order
+    n = len(y)
+    best, best_state, bad, epoch = -1.0, None, 0, 0
+    for epoch in range(1, args.epochs + 1):
+        net.train()
+        perm, total = torch.randperm(n, generator=gen), 0.0
+        bar = tqdm(range(0, n, args.batch_size), desc=f"{out_name} epoch {epoch}", leave=False,
+                   disable=None)
+        for a in bar:
+            idx = perm[a:a + args.batch_size]
+            b = {k: v[idx] for k, v in feats["train"].items()}
+            logit = net(b, None if text["train"] is None else text["train"][idx])
+            loss = nn.functional.binary_cross_entropy_with_logits(logit, y[idx])
+            opt.zero_grad(); loss.backward(); opt.step()
+            total += loss.item() * len(idx)
+        pv = predict_net(net, feats["valid"], text["valid"], 4096)
+        m = evaluate_predictions(yv, pv, uv)
+        common.log_metrics(paths.metrics, stage="train_ctr", model=out_name, epoch=epoch,
+                           train_loss=round(total / n, 6), valid_auc=round(m["auc"], 6),
+                           valid_logloss=round(m["logloss"], 6))
+        print(f"[train_ctr] {out_name} epoch {epoch}: train loss {total / n:.4f}, "
+              f"valid AUC {m['auc']:.4f} logloss {m['logloss']:.4f}")
+        if m["auc"] > best:
+            best, bad = m["auc"], 0
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            best_epoch = epoch
+        else:
+            bad += 1
+            if bad >= args.patience:
+                break
+    net.load_state_dict(best_state)
+    return net, best_state, best_epoch, epoch
+
+
+# ---- plumbing: main ------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    paths = RunPaths(args.run_dir)
+    out_name = args.out_name or args.model
+    out = paths.ctr(out_name)
+    if (out / "metrics.json").exists() and not args.force:
+        print(f"skip: {out / 'metrics.json'} exists (use --force to retrain)")
+        return
+    if (args.text_emb or args.init_from) and args.model not in TORCH_MODELS:
+        raise ExpCTRError(f"--text-emb/--init-from need one of {', '.join(TORCH_MODELS)}, "
+                          f"not {args.model}")
+    common.set_seed(args.seed)
+    meta = common.read_json(paths.require(paths.meta, "python data_prep.py"))
+    items = common.load_items(paths)
+    data = {s: common.load_split(paths, s) for s in common.SPLITS}
+    text = {s: None for s in common.SPLITS}
+    if args.text_emb:
+        text = {s: torch.from_numpy(load_text_emb(args.text_emb, s, data[s])) for s in common.SPLITS}
+        dims = {t.shape[1] for t in text.values()}
+        if len(dims) != 1:
+            raise ExpCTRError(f"--text-emb {args.text_emb}: splits disagree on the width {dims}")
+    cfg = {"model": args.model, "emb_dim": args.emb_dim, "mlp": args.mlp, "dropout": args.dropout,
+           "text_dim": 0 if text["train"] is None else int(text["train"].shape[1])}
+    if args.init_from:
+        init = load_checkpoint(args.init_from)
+        if init.model_name != args.model or init.text_dim:
+            raise ExpCTRError(f"{args.init_from}: is a {init.model_name} model with text_dim "
+                              f"{init.text_dim}; --init-from needs an ID-only {args.model}")
+        vocab = init.vocab  # same rows for the same ids
+        cfg.update({k: init.cfg[k] for k in ("emb_dim", "mlp", "dropout")})
+    else:
+        vocab = build_vocab(data["train"], items, meta.get("user_fields", []))
+    cfg.update(n_uid=len(vocab["uid"]), n_iid=len(vocab["iid"]), n_genre=len(vocab["genre"]),
+               n_field=[len(vocab["field"][f]) for f in vocab["user_fields"]])
+
+    t0 = time.time()
+    best_epoch = epochs_run = 0
+    if args.model in TORCH_MODELS:
+        net, state, best_epoch, epochs_run = train_net(args, data, vocab, cfg, text, paths, out_name)
+    else:
+        state, _ = fit_baseline(args, data, vocab, cfg)
+    train_seconds = time.time() - t0
+    ckpt = {"config": cfg, "vocab": vocab, "state_dict": state}
+    pred = CTRPredictor(ckpt)
+    metrics = {"model": args.model, "out_name": out_name}
+    preds = {}
+    for split in ("valid", "test"):
+        emb = None if text[split] is None else text[split].numpy()
+        p = pred.predict(data[split], emb)
+        preds[split] = p
+        metrics[split] = evaluate_predictions([s["label"] for s in data[split]], p,
+                                              [s["uid"] for s in data[split]])
+    metrics.update(train_seconds=round(train_seconds, 2), best_epoch=best_epoch,
+                   epochs_run=epochs_run, text_emb=args.text_emb, init_from=args.init_from,
+                   seed=args.seed, config=cfg)
+    with common.atomic_path(out) as tmp:  # the whole folder appears at once
+        tmp.mkdir()
+        torch.save(ckpt, tmp / "model.pt")
+        for split in ("valid", "test"):
+            common.write_jsonl(tmp / f"preds_{split}.jsonl", (
+                {"uid": s["uid"], "iid": s["iid"], "label": s["label"], "p": float(p)}
+                for s, p in zip(data[split], preds[split])))
+        common.write_json(tmp / "metrics.json", metrics)
+    common.log_metrics(paths.metrics, stage="train_ctr", model=out_name, final=True,
+                       test_auc=metrics["test"]["auc"], test_logloss=metrics["test"]["logloss"],
+                       train_seconds=metrics["train_seconds"])
+    print(f"[train_ctr] {out_name}: valid AUC {metrics['valid']['auc']:.4f}, test AUC "
+          f"{metrics['test']['auc']:.4f} logloss {metrics['test']['logloss']:.4f} gAUC "
+          f"{metrics['test']['gauc']:.4f} ({train_seconds:.1f}s) -> {out}")
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -388,7 +388,7 @@ def train_net(args, data, vocab, cfg, text, paths, out_name):
                            valid_logloss=round(m["logloss"], 6))
         print(f"[train_ctr] {out_name} epoch {epoch}: train loss {total / n:.4f}, "
               f"valid AUC {m['auc']:.4f} logloss {m['logloss']:.4f}")
-        if m["auc"] > best:
+        if best_state is None or m["auc"] > best:  # NaN AUC (one-class valid): keep epoch 1
             best, bad = m["auc"], 0
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             best_epoch = epoch
@@ -413,6 +413,8 @@ def main(argv=None):
     if (args.text_emb or args.init_from) and args.model not in TORCH_MODELS:
         raise ExpCTRError(f"--text-emb/--init-from need one of {', '.join(TORCH_MODELS)}, "
                           f"not {args.model}")
+    if args.epochs < 1:
+        raise ExpCTRError(f"--epochs {args.epochs}: expected at least 1")
     common.set_seed(args.seed)
     meta = common.read_json(paths.require(paths.meta, "python data_prep.py"))
     items = common.load_items(paths)

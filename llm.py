@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import random
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +259,28 @@ class LLM:
             return self.model.disable_adapter()
         self.model.set_adapter(name)
         return nullcontext()
+
+    @contextmanager
+    def merged(self, name: str | None):
+        """Context: adapter `name` merged into the base weights (generation ~2x faster on CPU than
+        running LoRA beside each layer); the original weights are restored exactly afterwards."""
+        from peft.tuners.lora import LoraLayer
+        if name is None:
+            with self.use(None):
+                yield
+            return
+        self.model.set_adapter(name)
+        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+        saved = [m.get_base_layer().weight.data.clone() for m in layers]
+        try:
+            with torch.no_grad():
+                self.model.merge_adapter([name])
+            yield
+        finally:
+            with torch.no_grad():
+                for m, w in zip(layers, saved):
+                    m.get_base_layer().weight.data.copy_(w)
+                    m.merged_adapters.clear()
 
     def trainable(self, name: str) -> list[torch.nn.Parameter]:
         """Make only adapter `name` trainable; returns its parameters."""

@@ -134,7 +134,7 @@ def generate_all(bundle, adapter, prompt_ids, args, greedy, desc, on_batch=None,
                else [[todo[j] for j in b] for b in
                      llm.length_batches([len(prompt_ids[i]) for i in todo], args.gen_batch)])
     out = dict(done)
-    with bundle.use(adapter):
+    with bundle.merged(adapter):  # [ours] LoRA merged for speed, weights restored exactly after
         for b, idx in enumerate(tqdm(batches, desc=desc, unit=" batch")):
             comps = bundle.generate([prompt_ids[i] for i in idx], greedy=greedy,
                                     temperature=args.temperature, top_p=args.top_p,

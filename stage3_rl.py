@@ -182,9 +182,9 @@ def main(argv=None):
             loss.backward()
             st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
             opt.step()
-            st["loss"] = float(loss)
+            st["loss"] = loss.item()
             stats.append(st)
-            ents.append(float(torch.cat(ent).float().mean()))
+            ents.append(float(torch.cat(ent).detach().float().mean()))
             n_tok += sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in mb)
     secs = time.time() - t0
     mean = lambda key: float(np.mean([s[key] for s in stats]))

@@ -1,0 +1,315 @@
+"""Tests of llm.py, stage1_sft.py, stage2_reward.py, stage3_rl.py (tiny random model, synthetic data;
+nothing is downloaded). PPO math on hand-made numbers; LC reward; label leak; determinism; resume."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import data_prep
+import llm
+import stage1_sft
+import stage2_reward
+import stage3_rl
+from common import ExpCTRError, RunPaths
+
+ROLL = ["--model", "tiny", "--dtype", "float32", "--max-new-tokens", "6", "--prompts-per-iter", "3",
+        "--k-samples", "2", "--gen-batch", "4", "--fwd-batch", "4"]
+
+
+# ---- PPO math on hand-made numbers ---------------------------------------------------------
+def test_group_advantages_leave_one_out_and_normalised():
+    r = [1.0, 2.0, 3.0, 5.0, 5.0, 5.0, 7.0]
+    g = [0, 0, 0, 1, 1, 1, 2]
+    raw = stage3_rl.group_advantages(r, g, normalize=False)
+    np.testing.assert_allclose(raw, [1 - 2.5, 2 - 2.0, 3 - 1.5, 0, 0, 0, 0])
+    adv = stage3_rl.group_advantages(r, g)
+    np.testing.assert_allclose(adv, raw / raw.std())
+    # all-equal groups (and a whole batch of them) give zeros, never NaN
+    z = stage3_rl.group_advantages([0.3] * 4, [0, 0, 1, 1])
+    assert np.all(z == 0) and not np.any(np.isnan(z))
+
+
+def test_ppo_clipping_and_gradients():
+    old = torch.zeros(1, 3)
+    ref = torch.zeros(1, 3)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    # ratios 1.5, 0.5, 1.1 with a positive advantage
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]])).requires_grad_(True)
+    loss, st = stage3_rl.ppo_loss(logp, old, ref, torch.tensor([2.0]), mask, clip_eps=0.2)
+    # per token: -A*min(r, clip(r)) -> -2*1.2, -2*0.5, -2*1.1
+    assert loss.item() == pytest.approx(-(2 * 1.2 + 2 * 0.5 + 2 * 1.1) / 3, abs=1e-6)
+    assert st["clip_frac"] == pytest.approx(2 / 3)
+    loss.backward()
+    g = logp.grad[0]
+    assert g[0] == 0  # clipped above with A>0: no gradient
+    assert g[1] < 0 and g[2] < 0  # unclipped: pushes logp up
+    # negative advantage: the ratio below 1-eps is clipped instead
+    logp2 = torch.log(torch.tensor([[0.5, 1.5]])).requires_grad_(True)
+    loss2, _ = stage3_rl.ppo_loss(logp2, torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([-1.0]),
+                                  torch.ones(1, 2, dtype=torch.bool), clip_eps=0.2)
+    assert loss2.item() == pytest.approx((0.8 + 1.5) / 2, abs=1e-6)
+    loss2.backward()
+    assert logp2.grad[0, 0] == 0 and logp2.grad[0, 1] > 0
+
+
+def test_k3_kl_zero_at_reference_positive_elsewhere():
+    x = torch.tensor([-0.1, -2.0, -5.0])
+    assert torch.all(stage3_rl.k3_kl(x, x) == 0)
+    assert torch.all(stage3_rl.k3_kl(x, x + 0.3) > 0)
+    _, st = stage3_rl.ppo_loss(x[None], x[None], x[None], torch.tensor([1.0]),
+                               torch.ones(1, 3, dtype=torch.bool), kl_beta=1.0)
+    assert st["kl"] == 0 and st["ratio"] == pytest.approx(1.0)
+    # padding is ignored
+    lp, m = stage3_rl.pad([[-1.0, -2.0], [-1.0]])
+    assert m.tolist() == [[True, True], [True, False]]
+
+
+# ---- fixtures: a tiny synthetic run folder with a scorer ---------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny") / "run"
+    data_prep.main(["--run-dir", str(root), "--dataset", "synthetic", "--n-users", "60",
+                    "--n-items", "40", "--n-interactions", "1500", "--history-len", "4",
+                    "--max-samples", "train=12", "--max-samples", "valid=8",
+                    "--max-samples", "test=8"])
+    bundle = llm.LLM("tiny", "float32")
+    bundle.attach({"scorer": None})
+    torch.manual_seed(0)
+    with torch.no_grad():  # a scorer with non-trivial outputs (fresh LoRA has B=0)
+        for n, p in bundle.model.named_parameters():
+            if "lora_B.scorer" in n:
+                p.normal_(0, 0.5)
+    bundle.save_adapter("scorer", RunPaths(root).scorer)
+    return root
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    b = llm.LLM("tiny", "float32")
+    b.attach({"explainer": None, "scorer": None})
+    return b
+
+
+# ---- llm.py ------------------------------------------------------------------------------------
+def test_no_full_logits_and_answer_tokens(bundle):
+    head = bundle.base.get_output_embeddings()
+    h = head.register_forward_hook(lambda *a: (_ for _ in ()).throw(AssertionError("lm_head called")))
+    try:
+        p = bundle.explainer_ids("The user liked: none.")
+        with torch.no_grad(), bundle.use("explainer"):
+            lp = bundle.completion_logprobs([p, p[:-2]], [[5, 6, 7], [8]])
+            ans = bundle.answer_logprobs([bundle.scorer_ids("x", "y"), bundle.scorer_ids("x", None)])
+    finally:
+        h.remove()
+    assert [len(x) for x in lp] == [3, 1] and all(torch.all(x < 0) for x in lp)
+    torch.testing.assert_close(ans.exp().sum(1), torch.ones(2))
+    assert bundle.tok.decode([bundle.yes_id]) == " Yes" and bundle.tok.decode([bundle.no_id]) == " No"
+
+
+def test_tokenizer_without_single_answer_token_is_one_line_error(monkeypatch):
+    monkeypatch.setattr(llm, "ANSWERS", (" Qzxqvy Yes", " No"))
+    with pytest.raises(ExpCTRError, match="single token"):
+        llm.LLM("tiny", "float32")
+
+
+def test_adapter_saved_in_peft_format(bundle, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    with torch.no_grad():
+        for n, p in bundle.model.named_parameters():
+            if "lora_B.explainer" in n:
+                p.fill_(0.01)
+    bundle.save_adapter("explainer", tmp_path / "ad")
+    base = AutoModelForCausalLM.from_pretrained(llm.model_folder("tiny"))
+    pm = PeftModel.from_pretrained(base, str(tmp_path / "ad"))
+    w = [p for n, p in pm.named_parameters() if "lora_B" in n]
+    assert w and all(torch.all(x == 0.01) for x in w)
+
+
+# ---- rewards --------------------------------------------------------------------------------------
+def test_lc_reward_sign_and_value(bundle, monkeypatch):
+    known = torch.log(torch.tensor([[0.8, 0.2], [0.8, 0.2], [0.3, 0.7]]))
+    monkeypatch.setattr(bundle, "answer_logprobs", lambda seqs: known[: len(seqs)])
+    r = stage2_reward.lc_reward(bundle, ["a", "b", "c"], ["e", "e", "e"], [1, 0, 1], batch=8)
+    np.testing.assert_allclose(r, np.log([0.8, 0.2, 0.3]), rtol=1e-6)
+    assert np.all(r < 0) and r[0] > r[1]
+
+
+def test_lc_reward_matches_scorer_probability(tiny_run):
+    b = llm.LLM("tiny", "float32")
+    b.attach({"scorer": RunPaths(tiny_run).scorer})
+    prompts, expls = ["p one", "p two"], ["because x", "because y"]
+    p = stage1_sft.predict_p(b, prompts, expls, 4)
+    r1 = stage2_reward.lc_reward(b, prompts, expls, [1, 1], 4)
+    r0 = stage2_reward.lc_reward(b, prompts, expls, [0, 0], 4)
+    np.testing.assert_allclose(np.exp(r1), p, rtol=1e-5)
+    np.testing.assert_allclose(np.exp(r0), 1 - p, rtol=1e-5)
+    assert 0 < p.min() and p.max() < 1 and abs(p[0] - 0.5) > 1e-4
+
+
+def test_ic_reward_log_of_true_label():
+    r = stage2_reward.label_logprob(np.array([0.9, 0.9, 0.0]), np.array([1, 0, 1]))
+    np.testing.assert_allclose(r[:2], np.log([0.9, 0.1]))
+    assert np.isfinite(r[2])
+
+
+# ---- rollouts: label leak, determinism, PPO consistency -------------------------------------------
+def test_rollouts_deterministic_and_label_free(tiny_run, tmp_path):
+    a = copy_run(tiny_run, tmp_path / "a")
+    b = copy_run(tiny_run, tmp_path / "b")
+    flip = copy_run(tiny_run, tmp_path / "flip")
+    rows = common.read_jsonl(RunPaths(flip).split("train"))
+    for r in rows:
+        r["label"] = 1 - r["label"]
+    common.write_jsonl(RunPaths(flip).split("train"), rows)
+    for d in (a, b, flip):
+        stage2_reward.main(["--run-dir", str(d), "--iter", "1", *ROLL])
+    ra, rb, rf = (common.read_jsonl(RunPaths(d).rollouts(1)) for d in (a, b, flip))
+    assert ra == rb  # same seed -> identical rollouts on CPU
+    assert len(ra) == 6 and sorted({r["group"] for r in ra}) == [0, 1, 2]
+    for x, y in zip(ra, rf):  # the label never reaches the generation prompt
+        assert x["prompt"] == y["prompt"] and x["prompt_ids"] == y["prompt_ids"]
+        assert x["completion_ids"] == y["completion_ids"] and x["logp_old"] == y["logp_old"]
+        assert x["label"] != y["label"] and x["r_lc"] != y["r_lc"]
+    for r in ra:
+        assert r["policy"] == "base" and r["model"] == "tiny" and r["reward"] == r["r_lc"]
+        assert len(r["logp_old"]) == len(r["completion_ids"]) == len(r["logp_ref"])
+    # another seed samples other prompts or explanations
+    stage2_reward.main(["--run-dir", str(b), "--iter", "1", *ROLL, "--seed", "7", "--force"])
+    assert common.read_jsonl(RunPaths(b).rollouts(1)) != ra
+
+    # PPO: logp_old equals the policy's log-probs at the start (ratio 1), policy/iter_1 appears
+    stage3_rl.main(["--run-dir", str(a), "--iter", "1", "--model", "tiny", "--dtype", "float32",
+                    "--minibatch", "3", "--ppo-epochs", "1"])
+    row = [m for m in common.read_jsonl(RunPaths(a).metrics) if m["stage"] == "stage3_rl"][-1]
+    assert row["iter"] == 1 and row["phase"] == "lc" and row["clip_frac"] == 0
+    assert 0 <= row["kl"] < 1e-3 and row["tokens_per_s"] > 0
+    assert (RunPaths(a).policy(1) / "adapter_model.safetensors").exists()
+    # iteration 2 samples from policy/iter_1 and stores the reference log-probs separately
+    stage2_reward.main(["--run-dir", str(a), "--iter", "2", *ROLL])
+    r2 = common.read_jsonl(RunPaths(a).rollouts(2))
+    assert all(r["policy"] == "iter_1" for r in r2)
+    assert any(r["logp_old"] != r["logp_ref"] for r in r2)
+
+
+def test_inconsistent_inputs_are_one_line_errors(tiny_run, tmp_path):
+    d = copy_run(tiny_run, tmp_path / "r")
+    with pytest.raises(ExpCTRError, match="stage2_reward.py --run-dir .* --iter 1"):
+        stage3_rl.main(["--run-dir", str(d), "--iter", "1", "--model", "tiny"])
+    with pytest.raises(ExpCTRError, match="stage3_rl.py"):
+        stage2_reward.main(["--run-dir", str(d), "--iter", "2", *ROLL])
+    stage2_reward.main(["--run-dir", str(d), "--iter", "1", *ROLL])
+    rows = common.read_jsonl(RunPaths(d).rollouts(1))
+    for r in rows:
+        r["model"] = "smollm2-135m"
+    common.write_jsonl(RunPaths(d).rollouts(1), rows)
+    with pytest.raises(ExpCTRError, match="--model smollm2-135m, not tiny"):
+        stage3_rl.main(["--run-dir", str(d), "--iter", "1", "--model", "tiny"])
+    shutil.rmtree(RunPaths(d).scorer)
+    with pytest.raises(ExpCTRError, match="stage1_sft.py"):
+        stage2_reward.main(["--run-dir", str(d), "--iter", "3", *ROLL])
+    with pytest.raises(ExpCTRError, match="stage2_reward.py .*--tag base"):
+        stage1_sft.main(["--run-dir", str(d), "--model", "tiny"])
+
+
+# ---- resume after an interrupted stage --------------------------------------------------------------
+def test_explanations_resume_after_crash(tiny_run, tmp_path, monkeypatch):
+    ref = copy_run(tiny_run, tmp_path / "ref")
+    cut = copy_run(tiny_run, tmp_path / "cut")
+    args = ["--split", "train", "--tag", "base", "--model", "tiny", "--dtype", "float32",
+            "--max-new-tokens", "5", "--gen-batch", "3", "--save-every", "1"]
+    stage2_reward.main(["--run-dir", str(ref), *args])
+    real, calls = llm.LLM.generate, {"n": 0}
+
+    def crashing(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(self, *a, **k)
+    monkeypatch.setattr(llm.LLM, "generate", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        stage2_reward.main(["--run-dir", str(cut), *args])
+    P = RunPaths(cut)
+    assert not P.explanations("base", "train").exists()  # no half file
+    part = P.root / "explanations" / "base" / ".train.partial.jsonl"
+    assert len(common.read_jsonl(part)) == 6  # two batches of 3 saved
+    monkeypatch.setattr(llm.LLM, "generate", real)
+    stage2_reward.main(["--run-dir", str(cut), *args])
+    assert not part.exists()
+    a = common.read_jsonl(RunPaths(ref).explanations("base", "train"))
+    b = common.read_jsonl(P.explanations("base", "train"))
+    assert a == b and len(a) == 12
+    np.testing.assert_array_equal(np.load(RunPaths(ref).embeddings("base", "train")),
+                                  np.load(P.embeddings("base", "train")))
+    stage2_reward.main(["--run-dir", str(cut), *args])  # finished: skipped, unchanged
+    assert common.read_jsonl(P.explanations("base", "train")) == a
+
+
+def test_ppo_killed_while_saving_leaves_no_half_adapter(tiny_run, tmp_path, monkeypatch):
+    d = copy_run(tiny_run, tmp_path / "r")
+    stage2_reward.main(["--run-dir", str(d), "--iter", "1", *ROLL])
+    argv = ["--run-dir", str(d), "--iter", "1", "--model", "tiny", "--dtype", "float32",
+            "--minibatch", "6", "--ppo-epochs", "1"]
+    import safetensors.torch as st
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt("killed while saving")
+    monkeypatch.setattr(st, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        stage3_rl.main(argv)
+    assert not RunPaths(d).policy(1).exists()
+    assert not list((RunPaths(d).root / "policy").glob(".*tmp*/iter_1/adapter_model.safetensors"))
+    monkeypatch.undo()
+    stage3_rl.main(argv)
+    w1 = (RunPaths(d).policy(1) / "adapter_model.safetensors").read_bytes()
+    stage3_rl.main(argv)  # finished: skipped
+    assert (RunPaths(d).policy(1) / "adapter_model.safetensors").read_bytes() == w1
+    stage3_rl.main(argv + ["--force"])  # redone from the same inputs: identical weights
+    assert (RunPaths(d).policy(1) / "adapter_model.safetensors").read_bytes() == w1
+
+
+# ---- the smoke preset ------------------------------------------------------------------------------
+def test_smoke_run_outputs(smoke_run_dir):
+    P = RunPaths(smoke_run_dir)
+    info = common.read_json(P.root / "run.json")
+    assert info["preset"] == "smoke" and info["model"] == "tiny"
+    final = info["final_tag"]
+    k_final = int(final.split("_")[1])
+    sm = common.read_json(P.scorer / "metrics.json")
+    assert {"valid_auc_with_expl", "valid_auc_no_expl"} <= set(sm)
+    for k in range(1, k_final + 1):
+        assert (P.policy(k) / "adapter_config.json").exists()
+        rows = common.read_jsonl(P.rollouts(k))
+        assert rows and all(len(r["logp_old"]) == len(r["completion_ids"]) for r in rows)
+    ic = common.read_jsonl(P.rollouts(k_final))
+    assert all(r["r_ic"] is not None and r["r_ic"] <= 0 for r in ic)
+    m = common.read_jsonl(P.metrics)
+    ppo = [r for r in m if r["stage"] == "stage3_rl"]
+    assert [r["iter"] for r in ppo] == list(range(1, k_final + 1))
+    assert {r["phase"] for r in ppo} == {"lc", "ic"}
+    for r in ppo:
+        for key in ("reward", "r_lc", "kl", "clip_frac", "entropy", "expl_len", "tokens_per_s"):
+            assert np.isfinite(r[key]), key
+    assert any(r["stage"] == "stage2_reward" and r.get("expl_per_s") for r in m)
+    for tag, splits in (("base", common.SPLITS), (final, ("valid", "test"))):
+        for s in splits:
+            data = common.read_jsonl(P.split(s))
+            ex = common.read_jsonl(P.explanations(tag, s))
+            assert [(e["uid"], e["iid"]) for e in ex] == [(d["uid"], d["iid"]) for d in data]
+            assert np.load(P.embeddings(tag, s)).shape[0] == len(data)
+    for tag in ("none", "base", final):
+        preds = common.read_jsonl(P.scorer / f"preds_test_{tag}.jsonl")
+        assert len(preds) == len(common.read_jsonl(P.split("test")))
+        assert all(0 < r["p"] < 1 for r in preds)
+        assert all((r["p_shuffled"] is None) == (tag == "none") for r in preds)
+    steps = [json.loads(line)["step"] for line in open(P.root / "timings.jsonl")]
+    assert "scorer sft" in steps and "ppo iter 1" in steps

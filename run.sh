@@ -62,19 +62,22 @@ case "$PRESET" in
     N1=2; N3=1; LAMBDA=0.5; PRED_SPLITS=valid,test ;;
   quick)
     R="$RUNS_DIR/quick"; MODEL=smollm2-135m
-    DATA=(--dataset ml-100k --max-samples train=192 --max-samples valid=96 --max-samples test=128)
+    # [ours] the LLM stages see a seeded subset (CPU budget); the ID models are the ones trained
+    # on the FULL ML-100K train split (ml100k-ctr), scored on this subset with --epochs 0, so
+    # id_ctr and the ExpCTR-Aug warm start are real backbones, not models fit on 384 samples
+    DATA=(--dataset ml-100k --max-samples train=384 --max-samples valid=128 --max-samples test=256)
     CTR_MODELS=(popularity logreg deepfm dcnv2 din); ID_BENCH=1
     LLM=(--dtype bfloat16)   # [ours] ~2x faster than fp32 on CPUs with avx512_bf16
     GEN=(--max-new-tokens 32 --gen-batch 16 --fwd-batch 16)
     ROLL=(--prompts-per-iter 8 --k-samples 4 --temperature 1.0 --top-p 1.0)
-    SFT=(--epochs 1 --lr 1e-3 --batch-size 8)   # [ours] few steps on CPU: a larger lr than TALLRec's
+    SFT=(--epochs 1 --lr 5e-4 --batch-size 8)   # [ours] few steps on CPU: a larger lr than TALLRec's
     PPO=(--ppo-epochs 2 --minibatch 8 --lr 1e-4 --kl-beta 0.05)
-    N1=2; N3=1; LAMBDA=0.5; PRED_SPLITS=test ;;
+    N1=2; N3=1; LAMBDA=0.5; PRED_SPLITS=valid,test ;;
   paper)
     R="$RUNS_DIR/paper"; MODEL=smollm2-135m
     DATA=(--dataset ml-100k --history-len 10
           --max-samples train=8000 --max-samples valid=1000 --max-samples test=2000)
-    CTR_MODELS=(popularity logreg deepfm dcnv2 din); ID_BENCH=0
+    CTR_MODELS=(popularity logreg deepfm dcnv2 din); ID_BENCH=1
     LLM=(--dtype bfloat16)
     GEN=(--max-new-tokens 40 --gen-batch 128 --fwd-batch 64)
     ROLL=(--prompts-per-iter 128 --k-samples 4 --temperature 1.0 --top-p 1.0)
@@ -89,12 +92,12 @@ T_ALL=$(date +%s)
 step() {  # step NAME CMD...: run, time, log to $R/timings.jsonl
   local name="$1"; shift
   echo "[run.sh] $name: $*"
-  local t0; t0=$(date +%s.%N)
+  local t0; t0=$(date +%s%N)
   "$@"
-  local dt; dt=$(echo "$(date +%s.%N) - $t0" | bc)
+  local dt; dt=$(( ($(date +%s%N) - t0) / 1000000 )); dt="$((dt / 1000)).$(( (dt % 1000) / 100 ))"
   mkdir -p "$R"
-  printf '{"stage": "run.sh", "step": "%s", "seconds": %.1f, "time": %s}\n' "$name" "$dt" "$(date +%s)" >> "$R/timings.jsonl"
-  printf '[run.sh] %s done in %.1fs\n' "$name" "$dt"
+  printf '{"stage": "run.sh", "step": "%s", "seconds": %s, "time": %s}\n' "$name" "$dt" "$(date +%s)" >> "$R/timings.jsonl"
+  printf '[run.sh] %s done in %ss\n' "$name" "$dt"
 }
 run_json() {  # run_json KEY=VALUE ...: merge into $R/run.json
   "$PY" - "$R/run.json" "$@" <<'EOF'
@@ -131,7 +134,14 @@ mkdir -p "$R"
 run_json preset="$PRESET" model="$MODEL" n1="$N1" n3="$N3" rounds="$ROUNDS" lambda_ic="$LAMBDA"
 A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}")
 step "data_prep" "$PY" data_prep.py --run-dir "$R" "${DATA[@]}"
-for m in "${CTR_MODELS[@]}"; do step "train_ctr $m" "$PY" train_ctr.py --run-dir "$R" --model "$m"; done
+for m in "${CTR_MODELS[@]}"; do
+  if [ "$ID_BENCH" = 1 ]; then  # score the full-data model on this run's splits, no training
+    step "train_ctr $m (full-data model)" "$PY" train_ctr.py --run-dir "$R" --model "$m" \
+         --epochs 0 --init-from "$RUNS_DIR/ml100k-ctr/ctr/$m"
+  else
+    step "train_ctr $m" "$PY" train_ctr.py --run-dir "$R" --model "$m"
+  fi
+done
 step "explanations base" "$PY" stage2_reward.py "${A[@]}" "${GEN[@]}" --split train,valid,test --tag base
 step "scorer sft" "$PY" stage1_sft.py "${A[@]}" "${SFT[@]}"
 

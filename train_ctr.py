@@ -47,7 +47,9 @@ def parse_args(argv=None):
                    "with data/<split>.jsonl, or .jsonl with uid/iid/emb keys (ExpCTR-Aug)")
     p.add_argument("--init-from", default=None, help="warm-start from this ID-only checkpoint "
                    "folder (matching parameters are loaded, text projection starts fresh)")
-    p.add_argument("--epochs", type=int, default=20, help="maximum epochs")
+    p.add_argument("--epochs", type=int, default=20, help="maximum epochs; 0 with --init-from "
+                   "trains nothing and evaluates that checkpoint on this run's valid/test splits "
+                   "(e.g. a model trained on the full data, scored on a subset run)")
     p.add_argument("--batch-size", type=int, default=1024, help="training batch size")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
@@ -368,7 +370,12 @@ def train_net(args, data, vocab, cfg, text, paths, out_name):
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)  # seeded batch order
     n = len(y)
-    best, best_state, bad, epoch = -1.0, None, 0, 0
+    best, best_state, bad, epoch, best_epoch = -1.0, None, 0, 0, 0
+    if args.init_from:  # [ours] the warm start itself is a candidate: fine-tuning on a small
+        pv = predict_net(net, feats["valid"], text["valid"], 4096)  # split may only make it worse
+        best = evaluate_predictions(yv, pv, uv)["auc"]
+        best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        print(f"[train_ctr] {out_name} epoch 0 (warm start): valid AUC {best:.4f}")
     for epoch in range(1, args.epochs + 1):
         net.train()
         perm, total = torch.randperm(n, generator=gen), 0.0
@@ -410,11 +417,14 @@ def main(argv=None):
     if (out / "metrics.json").exists() and not args.force:
         print(f"skip: {out / 'metrics.json'} exists (use --force to retrain)")
         return
-    if (args.text_emb or args.init_from) and args.model not in TORCH_MODELS:
-        raise ExpCTRError(f"--text-emb/--init-from need one of {', '.join(TORCH_MODELS)}, "
-                          f"not {args.model}")
-    if args.epochs < 1:
-        raise ExpCTRError(f"--epochs {args.epochs}: expected at least 1")
+    eval_only = args.epochs == 0 and args.init_from is not None and not args.text_emb
+    if args.text_emb and args.model not in TORCH_MODELS or (
+            args.init_from and not eval_only and args.model not in TORCH_MODELS):
+        raise ExpCTRError(f"--text-emb/--init-from (with training) need one of "
+                          f"{', '.join(TORCH_MODELS)}, not {args.model}")
+    if args.epochs < 1 and not eval_only:
+        raise ExpCTRError(f"--epochs {args.epochs}: expected at least 1 (0 only with --init-from "
+                          f"and without --text-emb)")
     common.set_seed(args.seed)
     meta = common.read_json(paths.require(paths.meta, "python data_prep.py"))
     items = common.load_items(paths)
@@ -433,7 +443,10 @@ def main(argv=None):
             raise ExpCTRError(f"{args.init_from}: is a {init.model_name} model with text_dim "
                               f"{init.text_dim}; --init-from needs an ID-only {args.model}")
         vocab = init.vocab  # same rows for the same ids
-        cfg.update({k: init.cfg[k] for k in ("emb_dim", "mlp", "dropout")})
+        if eval_only:
+            cfg = init.cfg
+        else:
+            cfg.update({k: init.cfg[k] for k in ("emb_dim", "mlp", "dropout")})
     else:
         vocab = build_vocab(data["train"], items, meta.get("user_fields", []))
     cfg.update(n_uid=len(vocab["uid"]), n_iid=len(vocab["iid"]), n_genre=len(vocab["genre"]),
@@ -441,7 +454,10 @@ def main(argv=None):
 
     t0 = time.time()
     best_epoch = epochs_run = 0
-    if args.model in TORCH_MODELS:
+    if eval_only:
+        state = init.ckpt["state_dict"]
+        print(f"[train_ctr] --epochs 0: evaluating {args.init_from} as trained, no training")
+    elif args.model in TORCH_MODELS:
         net, state, best_epoch, epochs_run = train_net(args, data, vocab, cfg, text, paths, out_name)
     else:
         state, _ = fit_baseline(args, data, vocab, cfg)

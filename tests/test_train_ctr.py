@@ -179,3 +179,31 @@ def test_synthetic_world_is_learnable(tmp_path):
     train(r, "--model", "din", "--epochs", "12")
     m = common.read_json(r / "ctr/din/metrics.json")
     assert m["test"]["auc"] > 0.75, m["test"]
+
+
+@pytest.mark.parametrize("model", ["din", "popularity"])
+def test_eval_only_transfer(run, tmp_path, model):
+    """--epochs 0 --init-from: a checkpoint trained elsewhere is scored on this run's splits
+    without training (how the quick preset scores the full-data ID models on its subset)."""
+    if not (run / "ctr" / model / "model.pt").exists():
+        train(run, "--model", model, *FAST)
+    other = tmp_path / "other"
+    shutil.copytree(run / "data", other / "data")
+    train(other, "--model", model, "--epochs", "0", "--init-from", run / "ctr" / model)
+    np.testing.assert_allclose(saved_preds(other, model), saved_preds(run, model), atol=1e-9)
+    m = common.read_json(other / "ctr" / model / "metrics.json")
+    assert m["epochs_run"] == 0 and m["init_from"] == str(run / "ctr" / model)
+    with pytest.raises(common.ExpCTRError, match="--epochs 0"):
+        train(other, "--model", model, "--epochs", "0", "--force")
+
+
+def test_warm_start_never_worse_on_valid(run):
+    """The warm-started state is an early-stopping candidate (epoch 0): with a tiny lr-blowup
+    fine-tune, the kept model's valid AUC is at least the starting model's."""
+    if not (run / "ctr" / "din" / "model.pt").exists():
+        train(run, "--model", "din", *FAST)
+    start = common.read_json(run / "ctr" / "din" / "metrics.json")["valid"]["auc"]
+    train(run, "--model", "din", "--init-from", run / "ctr" / "din", "--out-name", "din_ft",
+          "--lr", "1.0", "--epochs", "1", "--patience", "1")
+    m = common.read_json(run / "ctr" / "din_ft" / "metrics.json")
+    assert m["valid"]["auc"] >= start - 1e-9

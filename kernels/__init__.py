@@ -20,18 +20,25 @@ API
 Dispatch (one contract, three implementations)
     impl argument > env var EXPCTR_LOGPROB_IMPL > automatic:
         automatic = "triton" for CUDA tensors (if triton imports), else "torch".
-    "torch"  : kernels/torch_impl.py, chunked rows x vocab tiles, hand-written backward.
-    "triton" : kernels/triton_impl.py, Triton forward/backward kernels. On CPU tensors it only
-               runs under TRITON_INTERPRET=1 set before triton is imported (tests do that in a
-               subprocess). triton is imported lazily: `import kernels` never needs it.
+    "torch"  : kernels/torch_impl.py, rows x vocabulary tiles (default 1024 x 8192, a 32 MiB
+               fp32 scratch), hand-written backward. When only `hidden` needs a gradient (frozen
+               lm_head, e.g. LoRA) it computes the hidden gradient's per-row vectors during the
+               forward pass ("eager", one extra GEMM there, backward is a multiply); otherwise
+               backward recomputes the tiles.
+    "triton" : kernels/triton_impl.py, Triton forward/backward kernels (recompute in backward).
+               On CPU tensors it only runs under TRITON_INTERPRET=1 set before triton is imported
+               (the tests do that in a subprocess). triton is imported lazily: `import kernels`
+               never needs it. No GPU was available here: it is tested under the interpreter only.
     "naive"  : log_softmax + gather on full logits (reference / benchmark baseline only).
     Rows with ignore_index are dropped before the torch/triton kernels run (index_select, results
     scattered back), so padded prompt positions cost nothing.
+    Call it under torch.no_grad() when no gradient is wanted (reference / old-policy log-probs,
+    rewards): with grad enabled and hidden requiring grad, the torch twin does the eager work.
 
-Accuracy (tests/test_kernels.py, against a float64 reference): fp32 inputs within 1e-5 (values
-and gradients); bf16 inputs within 2e-2 absolute on log-probs (the inputs themselves carry bf16
-rounding; accumulation is fp32, so the kernels match an fp32 computation on the same bf16 values
-to ~1e-5).
+Accuracy (tests/test_kernels.py, float64 reference, error relative to max(1, max |ref|)):
+fp32 inputs within 1e-5 (values and gradients; logits of magnitude ~300 need 1e-4, their own
+fp32 rounding); bf16 inputs: values within 1e-4 of the reference on the same bf16 values
+(accumulation is fp32), gradients within 1e-2 (returned in bf16).
 """
 from __future__ import annotations
 

@@ -47,10 +47,12 @@ CONFIG = dict(block_n=64, block_v=128, block_h=64, num_warps=8,
 # ---- algorithm: shared tile helpers ----
 @triton.jit
 def _mm(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; IEEE: full fp32 products (no TF32) for fp32 inputs."""
     if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.jit

@@ -313,3 +313,30 @@ def test_smoke_run_outputs(smoke_run_dir):
         assert all((r["p_shuffled"] is None) == (tag == "none") for r in preds)
     steps = [json.loads(line)["step"] for line in open(P.root / "timings.jsonl")]
     assert "scorer sft" in steps and "ppo iter 1" in steps
+
+
+def test_test_split_never_trains_the_llm(tiny_run, tmp_path):
+    """Scorer SFT, rollouts and PPO read train (and valid for early stopping) only: flipping every
+    test label leaves the scorer and the policy bit-identical."""
+    from safetensors.torch import load_file
+
+    adapters = {}
+    for name in ("orig", "flipped"):
+        d = copy_run(tiny_run, tmp_path / name)
+        P = RunPaths(d)
+        shutil.rmtree(P.scorer)  # train a scorer here instead of the fixture's random one
+        if name == "flipped":
+            rows = common.read_jsonl(P.split("test"))
+            common.write_jsonl(P.split("test"), [dict(r, label=1 - r["label"]) for r in rows])
+        stage2_reward.main(["--run-dir", str(d), "--split", "train,valid", "--tag", "base",
+                            *ROLL[:4], "--max-new-tokens", "5", "--gen-batch", "4"])
+        stage1_sft.main(["--run-dir", str(d), "--model", "tiny", "--dtype", "float32",
+                         "--epochs", "1", "--batch-size", "4", "--lr", "1e-3"])
+        stage2_reward.main(["--run-dir", str(d), "--iter", "1", *ROLL])
+        stage3_rl.main(["--run-dir", str(d), "--iter", "1", "--model", "tiny", "--dtype",
+                        "float32", "--minibatch", "3", "--ppo-epochs", "1"])
+        adapters[name] = [load_file(p / "adapter_model.safetensors") for p in (P.scorer, P.policy(1))]
+    for a, b in zip(adapters["orig"], adapters["flipped"]):
+        assert a.keys() == b.keys() and any(v.abs().sum() > 0 for v in a.values())
+        for k in a:
+            assert torch.equal(a[k], b[k]), k

@@ -146,6 +146,17 @@ def run_model(paths: common.RunPaths, arg: str | None) -> str:
     return DEFAULT_MODEL
 
 
+def add_model_args(p) -> None:
+    """The options every LLM stage shares (which base model, dtype, device, CPU threads)."""
+    p.add_argument("--model", default=None, help="base LLM: smollm2-135m, tiny, or a HF folder/hub "
+                   "id (default: R/run.json's model, else smollm2-135m); must match the run's "
+                   "adapters and rollout files")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="base weights dtype (auto: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+
+
 def pick_dtype(name: str, device: str) -> torch.dtype:
     """auto: bf16 on CUDA, fp32 on CPU. [ours] bf16 on CPU is ~2x faster where avx512_bf16 exists."""
     if name == "auto":

@@ -41,12 +41,7 @@ from common import ExpCTRError, RunPaths
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", required=True, help="run folder (made by data_prep.py)")
-    p.add_argument("--model", default=None, help="base LLM: smollm2-135m, tiny, or a HF folder/hub "
-                   "id (default: R/run.json's model, else smollm2-135m)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    llm.add_model_args(p)  # --model, --dtype, --device, --threads
     p.add_argument("--seed", type=int, default=0, help="seed of prompt sampling and generation")
     # rollout mode
     p.add_argument("--iter", type=int, default=None, help="rollout mode: PPO iteration k (1-based)")

@@ -34,12 +34,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", required=True, help="run folder")
     p.add_argument("--iter", type=int, required=True, help="PPO iteration k (reads rollouts/iter_k)")
-    p.add_argument("--model", default=None, help="base LLM (default: R/run.json's model, else "
-                   "smollm2-135m); must match the rollout file")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (auto: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32")
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    llm.add_model_args(p)  # --model, --dtype, --device, --threads
     p.add_argument("--seed", type=int, default=0, help="seed of minibatch order and fresh LoRA init")
     p.add_argument("--lr", type=float, default=5e-5,
                    help="AdamW learning rate of the PPO step [ours: below the SFT 1e-4]")

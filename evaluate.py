@@ -2,7 +2,7 @@
 
 Paper part: the experiments (PAPER_NOTES.md §6 "Variants" and the last section "Explanation
 quality without ground-truth explanations"). Reads files only: no model is loaded, nothing is
-downloaded, torch/transformers are never imported. Layout contract: notes/LAYOUT.md.
+downloaded, torch/transformers are never imported. Layout contract: common.py (RunPaths).
 
 Reads  (R = the run folder)
   R/data/{train,valid,test}.jsonl, items.jsonl, meta.json       samples and catalogue

@@ -10,7 +10,7 @@
 #          MovieLens-100K subset -> DIR/quick/; ~25 min on a 2-core CPU
 #   paper  one GPU: larger splits and iteration counts, bf16 -> DIR/paper/
 #
-# The schedule (PAPER_NOTES.md §5, notes/LAYOUT.md); every line is a command a reader can type,
+# The schedule (docs/PAPER_NOTES.md §5; file layout in common.py); every line is a command a reader can type,
 # and every command skips work that is already finished, so ./run.sh resumes after a kill:
 #   0. python data_prep.py   --run-dir R --dataset D [--max-samples split=N ...]
 #   1. python train_ctr.py   --run-dir R --model din                       (ID-only backbone)

@@ -13,7 +13,7 @@ Train mode (default):
   writes R/scorer/ (peft adapter, expctr.json, metrics.json {valid_auc_with_expl,
          valid_auc_no_expl, best_epoch, history, ...}); rows "stage1_sft" in R/metrics.jsonl.
   Early stopping on valid AUC with explanations; the best epoch's adapter is kept.
-Predict mode (--predict TAGS --split SPLITS), LAYOUT.md step 8:
+Predict mode (--predict TAGS --split SPLITS), step 8 of the schedule in run.sh:
   writes R/scorer/preds_<split>_<tag>.jsonl rows {uid, iid, label, p, p_shuffled}
   (tag none = no explanation, p_shuffled null; otherwise p_shuffled = p when the explanations are
   permuted across the split's samples with a fixed seed).

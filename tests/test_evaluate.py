@@ -23,7 +23,7 @@ EXPL_KEYS = ["shuffle_auc_drop", "probe_auc", "stance_agreement", "stance_clear"
              "hallucination", "distinct_1", "distinct_2", "usr", "mean_words", "cause_recall"]
 
 
-# ---- hand-made run folders (notes/LAYOUT.md) -------------------------------------------------
+# ---- hand-made run folders (layout: common.RunPaths) -------------------------------------------------
 GENRES = ["Comedy", "Drama", "Action", "Horror", "Romance", "Sci-Fi"]
 WORDS = ["Silent", "Crimson", "Hidden", "Golden", "Velvet", "Harbor", "Garden", "Empire",
          "Letter", "Mountain"]

@@ -79,6 +79,20 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_
 
 
 @triton.jit
+def _row_stats(t_ptr, lse_ptr, s_ptr, g_ptr, ge_ptr, rows, row_mask, ENTROPY: tl.constexpr):
+    """Per-row inputs of backward: target, lse, S (= lse without entropy), g, g_entropy."""
+    tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    big_s = lse
+    ge = g
+    if ENTROPY:
+        big_s = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
+        ge = tl.load(ge_ptr + rows, mask=row_mask, other=0.0)
+    return tgt, lse, big_s, g, ge
+
+
+@triton.jit
 def _dlogits_tile(z, cols, col_mask, row_mask, tgt, lse, big_s, g, ge, inv_t,
                   ENTROPY: tl.constexpr):
     """dlogits = (g (onehot - p) - gH p (z - S)) / T; 0 outside the valid rows / columns."""
@@ -147,14 +161,8 @@ def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, s_ptr, g_ptr, ge_ptr, gh
     pid_s = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
-    tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
-    big_s = lse
-    ge = g
-    if ENTROPY:
-        big_s = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
-        ge = tl.load(ge_ptr + rows, mask=row_mask, other=0.0)
+    tgt, lse, big_s, g, ge = _row_stats(t_ptr, lse_ptr, s_ptr, g_ptr, ge_ptr, rows, row_mask,
+                                        ENTROPY)
     v_lo = pid_s * v_per_split
     v_hi = tl.minimum(v_lo + v_per_split, V)
     for v0 in range(v_lo, v_hi, BLOCK_V):
@@ -198,14 +206,8 @@ def _bwd_dw_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, s_ptr, g_ptr, ge_ptr, gw
     for r0 in range(n_lo, n_hi, BLOCK_N):
         rows = (r0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_mask = rows < n_hi
-        tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
-        big_s = lse
-        ge = g
-        if ENTROPY:
-            big_s = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
-            ge = tl.load(ge_ptr + rows, mask=row_mask, other=0.0)
+        tgt, lse, big_s, g, ge = _row_stats(t_ptr, lse_ptr, s_ptr, g_ptr, ge_ptr, rows,
+                                            row_mask, ENTROPY)
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h,
                          stride_w, inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_F32, IEEE)
         dl = _dlogits_tile(z, cols, col_mask, row_mask, tgt, lse, big_s, g, ge, inv_t, ENTROPY)

@@ -6,11 +6,14 @@ stage2_reward.py, stage3_rl.py, evaluate.py) reads and writes files inside one r
 
     runs/<name>/
       data/{train,valid,test}.jsonl   samples (schema: SAMPLE_FIELDS)          <- data_prep.py
+      data/{rl,probe}.jsonl           RL prompts / reward-probe prompts, carved
+                                      out of the training period (never trained on by a reward model)
       data/items.jsonl                item catalogue (schema: ITEM_FIELDS)     <- data_prep.py
       data/meta.json                  sources, sha256, counts, label rule      <- data_prep.py
       ctr/<name>/                     an ID-CTR checkpoint + preds + metrics   <- train_ctr.py
       scorer/                         LLM-CTR scorer LoRA adapter (peft)       <- stage1_sft.py
       rollouts/iter_<k>.jsonl         sampled explanations + rewards          <- stage2_reward.py
+      probe/<tag>.jsonl               reward probe of policy <tag> (fixed prompts) <- stage2_reward.py
       policy/iter_<k>/                explainer LoRA adapter after PPO iter k  <- stage3_rl.py
       explanations/<tag>/<split>.jsonl greedy explanations of policy <tag>     <- stage2_reward.py
       explanations/<tag>/<split>.npy  their embeddings, row-aligned            <- stage2_reward.py
@@ -38,6 +41,10 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 SPLITS = ("train", "valid", "test")
+# [ours] PAPER_NOTES §4: RL prompts (`rl`) and the reward probe (`probe`) are a seeded part of the
+# training period that no reward model (scorer, ID-CTR, ExpCTR-Aug) ever trains on.
+PROMPT_SPLITS = ("rl", "probe")
+ALL_SPLITS = SPLITS + PROMPT_SPLITS
 
 
 class ExpCTRError(Exception):
@@ -64,6 +71,7 @@ class RunPaths:
     def scorer(self) -> Path: return self.root / "scorer"
     def rollouts(self, it: int) -> Path: return self.root / "rollouts" / f"iter_{it}.jsonl"
     def policy(self, it: int) -> Path: return self.root / "policy" / f"iter_{it}"
+    def probe(self, tag: str) -> Path: return self.root / "probe" / f"{tag}.jsonl"
     def explanations(self, tag: str, split: str) -> Path:
         return self.root / "explanations" / tag / f"{split}.jsonl"
     def embeddings(self, tag: str, split: str) -> Path:
@@ -111,11 +119,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target = tmp / path.name
     try:
         yield target
+        _failpoint()
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(target, path)
+            # a folder cannot be replaced in one rename: move the old one aside first (inside
+            # tmp), so that at every instant one complete version exists; put it back on error
+            aside = tmp / f"{path.name}.old"
+            os.replace(path, aside)
+            try:
+                os.replace(target, path)
+            except BaseException:
+                os.replace(aside, path)
+                raise
+        else:
+            os.replace(target, path)  # a file: atomic, the old one is never removed first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_writes = 0
+
+
+def _failpoint() -> None:
+    """Test hook for the kill tests (tests/test_resume.py): with EXPCTR_KILL_AT_WRITE=N set, the
+    process SIGKILLs itself when its N-th atomic write is complete in its temp folder but not yet
+    renamed into place: no `finally`, no clean-up, the worst moment for a half-written output."""
+    global _writes
+    at = os.environ.get("EXPCTR_KILL_AT_WRITE")
+    if at:
+        _writes += 1
+        if _writes == int(at):
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
@@ -176,6 +210,33 @@ def log_metrics(path: str | os.PathLike, stage: str, **values: Any) -> dict:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return row
+
+
+def policy_tag(k: int) -> str:
+    """The explainer after k PPO iterations: "base" (k = 0, the untuned model) or "iter_k".
+    Iteration k samples from policy_tag(k - 1) and writes policy_tag(k)."""
+    return "base" if k == 0 else f"iter_{k}"
+
+
+class EarlyStopping:
+    """Early stopping on a validation score (higher is better), one meaning for every stage:
+    training stops after `patience` consecutive epochs without a better score, and the best
+    epoch is the one kept. The first score is always the best so far (also a NaN)."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.bad = patience, None, 0
+
+    def step(self, score: float) -> bool:
+        """Record one epoch's score; True when it is the best so far (keep this state)."""
+        if self.best is None or score > self.best:
+            self.best, self.bad = score, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.bad >= self.patience
 
 
 # ----------------------------------------------------------------------------- seeding

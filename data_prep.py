@@ -58,7 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--split-frac", default="0.8,0.1,0.1",
                    help="train,valid,test fractions of samples, cut at time quantiles")
     p.add_argument("--max-samples", action="append", default=[], metavar="SPLIT=N",
-                   help="keep a seeded random subset of N samples of SPLIT (repeatable)")
+                   help="keep a seeded random subset of N samples of SPLIT (train, valid, test, "
+                   "rl, probe; repeatable)")
+    p.add_argument("--rl-frac", type=float, default=0.1, help="share of the training period set "
+                   "aside as RL prompts (data/rl.jsonl), never trained on by a reward model [ours]")
+    p.add_argument("--probe-frac", type=float, default=0.02, help="share of the training period set "
+                   "aside as reward-probe prompts (data/probe.jsonl), never trained on [ours]")
     p.add_argument("--seed", type=int, default=0, help="seed for subsets and synthetic data")
     p.add_argument("--force", action="store_true", help="rebuild even if data/ exists")
     g = p.add_argument_group("synthetic planted world")
@@ -467,11 +472,30 @@ def temporal_split(order, ts_of, fracs):
     return out, {"valid_start_ts": b1, "test_start_ts": b2}
 
 
+PARTITION_STREAM = 99  # rng stream of the partition, apart from the subset streams (split index)
+
+
+def carve_prompt_splits(train: list, rl_frac: float, probe_frac: float, seed: int) -> dict:
+    """[ours] PAPER_NOTES §4: a seeded partition of the training period into `train` (what the
+    reward models and ID models train on), `rl` (PPO prompts) and `probe` (the fixed held-out
+    reward probe). It depends only on the full train split and the seed, never on --max-samples,
+    so a subset run and a full-data run of the same data agree on it (the quick preset's ID
+    models, trained on full data, never see its RL or probe prompts). Time order is kept."""
+    rng = np.random.default_rng([seed, PARTITION_STREAM])
+    perm = rng.permutation(len(train))
+    n_probe, n_rl = int(round(probe_frac * len(train))), int(round(rl_frac * len(train)))
+    role = np.zeros(len(train), np.int8)  # 0 train, 1 rl, 2 probe
+    role[perm[:n_probe]] = 2
+    role[perm[n_probe:n_probe + n_rl]] = 1
+    return {name: [k for k, r in zip(train, role) if r == code]
+            for code, name in enumerate(("train", "rl", "probe"))}
+
+
 def subsample(rows, n, seed, split):
     """Seeded subset of one split, file order (time order) kept."""
     if n >= len(rows):
         return rows
-    rng = np.random.default_rng([seed, common.SPLITS.index(split)])
+    rng = np.random.default_rng([seed, common.ALL_SPLITS.index(split)])
     idx = np.sort(rng.choice(len(rows), n, replace=False))
     return [rows[i] for i in idx]
 
@@ -504,12 +528,15 @@ def main(argv=None):
         assert len(fracs) == 3 and all(f >= 0 for f in fracs) and abs(sum(fracs) - 1) < 1e-6
     except (ValueError, AssertionError):
         raise ExpCTRError(f"--split-frac {args.split_frac!r}: expected 3 fractions summing to 1")
+    if not (0 <= args.rl_frac and 0 <= args.probe_frac and args.rl_frac + args.probe_frac < 1):
+        raise ExpCTRError(f"--rl-frac {args.rl_frac} --probe-frac {args.probe_frac}: expected "
+                          "non-negative shares of the training period summing to less than 1")
     max_samples = {}
     for spec in args.max_samples:
         split, _, n = spec.partition("=")
-        if split not in common.SPLITS or not n.isdigit():
+        if split not in common.ALL_SPLITS or not n.isdigit():
             raise ExpCTRError(f"--max-samples {spec!r}: expected SPLIT=N with SPLIT in "
-                              f"{'/'.join(common.SPLITS)}")
+                              f"{'/'.join(common.ALL_SPLITS)}")
         max_samples[split] = int(n)
 
     extras, dropped = {}, 0
@@ -535,10 +562,11 @@ def main(argv=None):
     if not samples.order:
         raise ExpCTRError(f"{main_file}: no samples left with >= {args.min_history} history items")
     splits, bounds = temporal_split(samples.order, lambda k: inter[k][2], fracs)
+    splits.update(carve_prompt_splits(splits["train"], args.rl_frac, args.probe_frac, args.seed))
     for split, n in max_samples.items():
         splits[split] = subsample(splits[split], n, args.seed, split)
     for split, ks in splits.items():
-        if not ks:
+        if not ks and split in common.SPLITS:  # rl / probe may be empty (--rl-frac 0)
             raise ExpCTRError(f"{main_file}: the {split} split is empty "
                               f"({len(samples.order)} samples, --split-frac {args.split_frac})")
 
@@ -550,7 +578,12 @@ def main(argv=None):
         "sources": [{"path": str(p), "sha256": sha256(Path(p)), "bytes": Path(p).stat().st_size}
                     for p in sources],
         "counts": {k: len(v) for k, v in splits.items()},
-        "pos_rate": {s: round(float(np.mean([labels[k] for k in ks])), 6) for s, ks in splits.items()},
+        "pos_rate": {s: round(float(np.mean([labels[k] for k in ks])), 6) if ks else None
+                     for s, ks in splits.items()},
+        "prompt_partition": {"rl_frac": args.rl_frac, "probe_frac": args.probe_frac, "seed": args.seed,
+                             "rule": "seeded permutation of the full train split (before any "
+                                     "--max-samples subset): rl and probe samples are removed from "
+                                     "train.jsonl, so no reward model or ID model trains on them"},
         "label_rule": label_rule,
         "split_boundaries": bounds,
         "vocab": {"users": len({inter[k][0] for k in kept}),
@@ -584,7 +617,7 @@ def main(argv=None):
     common.log_metrics(paths.metrics, stage="data_prep", dataset=args.dataset, **meta["counts"],
                        **{f"pos_rate_{k}": v for k, v in meta["pos_rate"].items()})
     print(f"[data_prep] {args.dataset}: " + ", ".join(
-        f"{k} {meta['counts'][k]} (pos {meta['pos_rate'][k]:.3f})" for k in common.SPLITS) +
+        f"{k} {meta['counts'][k]} (pos {meta['pos_rate'][k] or 0:.3f})" for k in common.ALL_SPLITS) +
         f"; {meta['vocab']['users']} users, {meta['vocab']['items']} items -> {paths.data}")
     if "oracle_test_auc" in meta:
         print(f"[data_prep] synthetic oracle test AUC {meta['oracle_test_auc']}")

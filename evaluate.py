@@ -10,12 +10,17 @@ Reads  (R = the run folder)
   R/ctr/{popularity,logreg,deepfm,dcnv2,din,<aug>}/preds_test.jsonl      rows {uid, iid, label, p}
   R/scorer/preds_test_{none,base,<final_tag>}.jsonl   rows {uid, iid, label, p, p_shuffled}
   R/explanations/{base,<final_tag>}/{valid,test}.jsonl  rows {uid, iid, label, explanation, ...}
-  R/metrics.jsonl                                     rows with stage == "stage3_rl" (PPO curves)
+  R/probe/{base,iter_k}.jsonl                         the reward probe of each policy (learning curve)
+  R/metrics.jsonl                                     rows with stage == "stage3_rl" (PPO training
+                                                      statistics; the last row of each iteration)
+  R/timings.jsonl                                     per-step wall times of run.sh (last of each step)
 Writes
   R/eval/metrics.json  ctr.<variant>.{auc, auc_ci, logloss, gauc, n, ...}, significance.<pair>,
                        explanations.{base,aligned}.{shuffle_auc_drop, probe_auc, ...}
   R/eval/report.md     header, CTR table, explanation table, plots, ten examples
   R/eval/{roc,calibration,ppo}.png   (only when matplotlib is installed)
+  metrics.json also has probe (per policy: mean r_LC [CI], difference to base [CI], KL to the
+  reference) and probe_constant (the constant predictor at the train positive rate, same prompts).
   one "evaluate" row appended to R/metrics.jsonl; the main CTR table printed on stdout.
 Everything is recomputed on each call (it takes seconds); each output is written atomically.
 
@@ -138,6 +143,59 @@ def paired_p_value(boot_a, boot_b) -> float:
     d = boot_a - boot_b
     d = d[np.isfinite(d)]
     return float((1 + (d <= 0).sum()) / (len(d) + 1))
+
+
+# ---- algorithm: the reward probe, a learning curve on fixed held-out prompts ----------------------
+def probe_curve(paths: RunPaths, train, args) -> tuple[list, dict | None, list]:
+    """Mean r_LC of every policy on R/probe/<tag>.jsonl (the same prompts, K and seed for each),
+    with a 95% bootstrap CI over prompts (a prompt's K samples are resampled together), the
+    difference to the base policy on the same resamples (paired; one-sided p of "no gain"), the
+    mean KL to the reference, and the constant predictor (train positive rate) on the same
+    prompts. Returns (rows, constant row, notes)."""
+    files = {f.stem: f for f in (paths.root / "probe").glob("*.jsonl")}
+    tags = sorted((t for t in files if t == "base" or re.fullmatch(r"iter_\d+", t)),
+                  key=lambda t: -1 if t == "base" else int(t[5:]))
+    if not tags:
+        return [], None, []
+    data, notes = {}, []
+    for t in tags:
+        rows = common.read_jsonl(files[t])
+        for i, r in enumerate(rows, 1):
+            if not all(isinstance(r.get(k), (int, float)) for k in ("group", "r_lc", "label")):
+                raise ExpCTRError(f"{files[t]}:{i}: expected numeric 'group', 'r_lc' and 'label'")
+        data[t] = rows
+    key = lambda rows: [(r["uid"], r["iid"], r["group"]) for r in rows]
+    ref = key(data[tags[0]])
+    for t in tags[1:]:
+        if key(data[t]) != ref:
+            notes.append(f"probe/{t}.jsonl has other prompts than probe/{tags[0]}.jsonl: left out "
+                         "(not like with like; rerun with --probe {t} --force)")
+            tags.remove(t)
+    groups = np.array([r["group"] for r in data[tags[0]]])
+    n_groups = int(groups.max()) + 1
+    per_group = lambda vals: np.bincount(groups, vals, n_groups) / np.bincount(groups, None, n_groups)
+    rng = np.random.default_rng(args.seed)
+    resample = rng.integers(0, n_groups, size=(args.n_boot, n_groups))
+    boot = lambda g: g[resample].mean(1)
+    means = {t: per_group(np.array([r["r_lc"] for r in data[t]], float)) for t in tags}
+    out = []
+    for t in tags:
+        g = means[t]
+        row = {"tag": t, "iter": 0 if t == "base" else int(t[5:]), "n_prompts": n_groups,
+               "n": len(data[t]), "r_lc": float(g.mean()), "r_lc_ci": percentile_ci(boot(g)),
+               "kl_ref": float(np.mean([r.get("kl_ref") or 0.0 for r in data[t]]))}
+        if t != tags[0]:
+            d = boot(g) - boot(means[tags[0]])
+            row.update(delta=float(g.mean() - means[tags[0]].mean()), delta_ci=percentile_ci(d),
+                       p_value=float((1 + (d <= 0).sum()) / (len(d) + 1)))
+        out.append(row)
+    const = None
+    if train:
+        prior = float(np.mean([s["label"] for s in train]))
+        y = np.array([r["label"] for r in data[tags[0]]], float)
+        g = per_group(y * math.log(prior) + (1 - y) * math.log1p(-prior))
+        const = {"tag": "constant", "prior": prior, "r_lc": float(g.mean()), "r_lc_ci": percentile_ci(boot(g))}
+    return out, const, notes
 
 
 # ---- algorithm: explanation text --------------------------------------------------------------
@@ -387,11 +445,19 @@ def variant_specs(R: str, paths: RunPaths, final, aug, main_bb) -> dict:
     spec["expctr_llm"] = (f"ExpCTR-LLM: scorer reading {f_tag} explanations",
                           sc(final) if final else None,
                           sft(f_tag) if final else "./run.sh (the RL schedule) then " + sft(f_tag))
-    spec["expctr_aug"] = (f"ExpCTR-Aug: {main_bb} + explanation embeddings ({a_name})",
-                          ctr(aug) if aug else None,
+    spec["expctr_aug"] = (f"ExpCTR-Aug: {main_bb} + explanation embeddings ({a_name}, reading "
+                          f"{emb_tag} explanations)", ctr(aug) if aug else None,
                           f"python train_ctr.py --run-dir {R} --model {main_bb} --text-emb "
                           f"'{R}/explanations/{emb_tag}/{{split}}.npy' --init-from {R}/ctr/{main_bb} "
                           f"--out-name {a_name}")
+    # [ours] the same Aug model reading the final (IC-aligned) policy's explanations: the model
+    # r_IC scored during phase 3, on the explanations phase 3 produced
+    af = f"{a_name}_on_{f_tag}"
+    spec["expctr_aug_final"] = (f"ExpCTR-Aug: {a_name} reading {f_tag} explanations",
+                                ctr(af) if aug and final and ctr(af).exists() else None,
+                                f"python train_ctr.py --run-dir {R} --model {main_bb} --epochs 0 "
+                                f"--init-from {R}/ctr/{a_name} --text-emb "
+                                f"'{R}/explanations/{f_tag}/{{split}}.npy' --out-name {af}")
     return spec
 
 
@@ -439,7 +505,7 @@ def ctr_table(paths, test, train, spec, args):
             row.update(status="not run", produce=cmd)
         out[name] = row
     sig = {}
-    for a, b in (("expctr_llm", "posthoc"), ("expctr_aug", "id_ctr")):
+    for a, b in (("expctr_llm", "posthoc"), ("expctr_aug", "id_ctr"), ("expctr_aug_final", "id_ctr")):
         s = {"delta_auc": None, "delta_ci": None, "p_value": None, "n_boot": args.n_boot,
              "test": f"paired bootstrap, one-sided, H1: AUC({a}) > AUC({b})"}
         if a in P and b in P:
@@ -544,7 +610,7 @@ def pyplot():
         return None
 
 
-def make_plots(out_dir: Path, y, P, ppo_rows) -> list:
+def make_plots(out_dir: Path, y, P, ppo_rows, probe_rows, probe_const) -> list:
     plt = pyplot()
     if plt is None:
         return []
@@ -576,10 +642,23 @@ def make_plots(out_dir: Path, y, P, ppo_rows) -> list:
                title="Calibration (reliability), test")
         ax.legend(fontsize=7)
         save(fig, "calibration.png")
-    if ppo_rows:
+    if ppo_rows or probe_rows:
         from matplotlib.ticker import MaxNLocator
         fig, axes = plt.subplots(1, 4, figsize=(15, 3.2), sharex=True)
-        for ax, key in zip(axes, ("reward", "r_lc", "r_ic", "kl")):
+        ax = axes[0]
+        if probe_rows:
+            it = [r["iter"] for r in probe_rows]
+            mid = np.array([r["r_lc"] for r in probe_rows])
+            lo = mid - np.array([r["r_lc_ci"][0] for r in probe_rows])
+            hi = np.array([r["r_lc_ci"][1] for r in probe_rows]) - mid
+            ax.errorbar(it, mid, yerr=[lo, hi], fmt="o-", color="tab:green", capsize=3,
+                        label="policy (95% CI)")
+            if probe_const:
+                ax.axhline(probe_const["r_lc"], color="k", ls=":", lw=1, label="constant predictor")
+            ax.legend(fontsize=7)
+        ax.set(title="reward probe: mean r_LC, fixed prompts", xlabel="policy (0 = base)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for ax, key in zip(axes[1:], ("r_lc", "r_ic", "kl")):
             pts = [(r["iter"], r[key]) for r in ppo_rows if r[key] is not None]
             if pts:
                 ax.plot(*zip(*pts), color="0.6", lw=1)
@@ -587,27 +666,44 @@ def make_plots(out_dir: Path, y, P, ppo_rows) -> list:
                 pts = [(r["iter"], r[key]) for r in ppo_rows if r["phase"] == phase and r[key] is not None]
                 if pts:
                     ax.plot(*zip(*pts), "o", color=colour, label=f"{phase.upper()} phase")
-            ax.set(title=key, xlabel="PPO iteration")
+            ax.set(title=f"training draw: {key}" if key != "kl" else "training: KL to reference",
+                   xlabel="PPO iteration")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes[0].legend(fontsize=7)
+        axes[1].legend(fontsize=7)
         fig.tight_layout()
         save(fig, "ppo.png")
     return made
 
 
+PPO_KEYS = ("reward", "r_lc", "r_ic", "kl", "ratio_first_step")
+
+
 def ppo_curve(paths: RunPaths) -> list:
-    """Mean of each stage3_rl metric per (iteration, phase)."""
+    """PPO training statistics per iteration: the LAST stage3_rl row of each iteration in
+    metrics.jsonl (a re-run with --force appends a new row; the latest describes policy/iter_k)."""
     if not paths.metrics.exists():
         return []
-    acc = defaultdict(lambda: defaultdict(list))
+    last = {}
     for r in common.read_jsonl(paths.metrics):
         if r.get("stage") == "stage3_rl" and r.get("iter") is not None:
-            for k in ("reward", "r_lc", "r_ic", "kl"):
-                if isinstance(r.get(k), (int, float)) and math.isfinite(r[k]):
-                    acc[(int(r["iter"]), r.get("phase") or "lc")][k].append(r[k])
-    return [{"iter": it, "phase": ph, **{k: float(np.mean(v[k])) if v[k] else None
-                                         for k in ("reward", "r_lc", "r_ic", "kl")}}
-            for (it, ph), v in sorted(acc.items())]
+            last[int(r["iter"])] = r
+    num = lambda v: float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+    return [{"iter": it, "phase": r.get("phase") or "lc", **{k: num(r.get(k)) for k in PPO_KEYS}}
+            for it, r in sorted(last.items())]
+
+
+def step_timings(paths: RunPaths) -> list:
+    """run.sh's wall time per step: the last row of each step in R/timings.jsonl (a resumed run
+    appends rows for the steps it ran again)."""
+    f = paths.root / "timings.jsonl"
+    if not f.exists():
+        return []
+    last = {}
+    for r in common.read_jsonl(f):
+        if r.get("step") is not None:
+            last.pop(r["step"], None)  # keep the order of the latest run
+            last[r["step"]] = r.get("seconds")
+    return [{"step": k, "seconds": v} for k, v in last.items()]
 
 
 # ---- plumbing: report ------------------------------------------------------------------------------
@@ -623,8 +719,8 @@ def auc_cell(r):
 def table_rows(ctr, main_bb):
     """Table order; the main backbone appears once, as id_ctr."""
     return [k for k in ("popularity", "logreg", "id_ctr", "id_ctr_deepfm", "id_ctr_dcnv2",
-                        "id_ctr_din", "llm_ctr", "posthoc", "expctr_llm", "expctr_aug")
-            if k != f"id_ctr_{main_bb}"]
+                        "id_ctr_din", "llm_ctr", "posthoc", "expctr_llm", "expctr_aug",
+                        "expctr_aug_final") if k != f"id_ctr_{main_bb}"]
 
 
 def text_table(ctr, main_bb) -> str:
@@ -722,13 +818,41 @@ def report_md(m, examples, plots, plot_note, ppo) -> str:
           "- stance rules [ours]:"] + [f"  - {r}" for r in STANCE_RULES]
     L += ["", "## 3. Plots", ""]
     L += [f"![{p}]({p})" for p in plots] or [f"Plots skipped: {plot_note}."]
-    L += ["", "PPO (stage3_rl rows of metrics.jsonl, mean per iteration):", ""]
+    L += ["", "**Reward probe** (the learning curve): mean r_LC of each policy on the same held-out "
+          "prompts of data/probe.jsonl (never trained on by the scorer, the ID models or the "
+          "policy), the same K samples per prompt and the same sampling seed; 95% bootstrap CI "
+          "over prompts; Δ = difference to the base policy on the same resamples, p = one-sided "
+          "(H1: the policy beats base); KL = mean sequence KL to the reference on these samples.", ""]
+    if m["probe"]:
+        L += ["| policy | n prompts x K | mean r_LC [95% CI] | Δ vs base [95% CI] | p | KL to ref |",
+              "|---|---|---|---|---|---|"]
+        for r in m["probe"]:
+            d = (f"{fmt(r['delta'])} [{fmt(r['delta_ci'][0])}, {fmt(r['delta_ci'][1])}]"
+                 if r.get("delta") is not None else "-")
+            L.append(f"| {r['tag']} | {r['n_prompts']} x {r['n'] // max(r['n_prompts'], 1)} | "
+                     f"{fmt(r['r_lc'])} [{fmt(r['r_lc_ci'][0])}, {fmt(r['r_lc_ci'][1])}] | {d} | "
+                     f"{fmt(r.get('p_value'))} | {fmt(r['kl_ref'])} |")
+        c = m["probe_constant"]
+        if c:
+            L.append(f"| constant predictor (p = {fmt(c['prior'], 3)}, train rate) | same prompts | "
+                     f"{fmt(c['r_lc'])} [{fmt(c['r_lc_ci'][0])}, {fmt(c['r_lc_ci'][1])}] | - | - | - |")
+    else:
+        L.append("no probe files yet (python stage2_reward.py --run-dir R --probe base, then iter_k)")
+    L += [f"- note: {n}" for n in m["probe_notes"]]
+    L += ["", "PPO training statistics (the last stage3_rl row of each iteration in metrics.jsonl; "
+          "means over that iteration's own prompts, which differ between iterations, so this is "
+          "not a learning curve; ratio_first_step should be 1):", ""]
     if ppo:
-        L += ["| iter | phase | reward | r_LC | r_IC | KL |", "|---|---|---|---|---|---|"]
+        L += ["| iter | phase | reward | r_LC | r_IC | KL | ratio at first step |",
+              "|---|---|---|---|---|---|---|"]
         L += [f"| {r['iter']} | {r['phase']} | {fmt(r['reward'])} | {fmt(r['r_lc'])} | "
-              f"{fmt(r['r_ic'])} | {fmt(r['kl'])} |" for r in ppo]
+              f"{fmt(r['r_ic'])} | {fmt(r['kl'])} | {fmt(r['ratio_first_step'], 6)} |" for r in ppo]
     else:
         L.append("no stage3_rl rows yet (run the RL schedule: ./run.sh)")
+    if m["timings"]:
+        L += ["", "Wall time per step of run.sh (R/timings.jsonl, the latest run of each step):", "",
+              "| step | seconds |", "|---|---|"]
+        L += [f"| {t['step']} | {t['seconds']} |" for t in m["timings"]]
     n_ex = sum(line.startswith("**") for line in examples)
     L += ["", f"## 4. {n_ex} test samples: base vs aligned explanations", ""]
     L += examples or ["no test sample has both base and aligned explanations yet"]
@@ -791,6 +915,7 @@ def main(argv=None):
     for src, tag in (("base", "base"), ("aligned", final)):
         expl[src], texts[src] = explanation_table(paths, R, test, valid, items, tag, args)
     ppo = ppo_curve(paths)
+    probe, probe_const, probe_notes = probe_curve(paths, train, args)
 
     m = {"run_name": paths.root.resolve().name, "run_dir": R,
          "dataset": meta.get("dataset") or run_info.get("dataset") or "unknown",
@@ -798,12 +923,14 @@ def main(argv=None):
          "pos_rate": float(np.mean([s["label"] for s in test])), "final_tag": final, "aug": aug,
          "main_backbone": main_bb, "n_boot": args.n_boot, "seed": args.seed,
          "min_title_chars": args.min_title_chars, "oracle_test_auc": meta.get("oracle_test_auc"),
-         "ctr": ctr, "significance": sig, "explanations": expl, "ppo": ppo, "notes": notes}
+         "ctr": ctr, "significance": sig, "explanations": expl, "ppo": ppo, "probe": probe,
+         "probe_constant": probe_const, "probe_notes": probe_notes, "timings": step_timings(paths),
+         "notes": notes}
     paths.eval.mkdir(parents=True, exist_ok=True)
     shown = {k: P[k] for k in table_rows(ctr, main_bb) if k in P}  # id_ctr once
-    plots = [] if args.no_plots else make_plots(paths.eval, y, shown, ppo)
+    plots = [] if args.no_plots else make_plots(paths.eval, y, shown, ppo, probe, probe_const)
     plot_note = ("--no-plots" if args.no_plots else "no variant and no PPO rows to plot"
-                 if not P and not ppo else "matplotlib is not installed")
+                 if not P and not ppo and not probe else "matplotlib is not installed")
     m["plots"], m["plots_skipped"] = plots, None if plots else plot_note
     sc = lambda tag: opt(paths.scorer / f"preds_test_{tag}.jsonl", lambda f: read_preds(f, test)["p"])
     ex = examples_md(test, items, texts["base"], texts["aligned"], sc("base"),

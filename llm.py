@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import random
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -152,15 +152,20 @@ def add_model_args(p) -> None:
                    "id (default: R/run.json's model, else smollm2-135m); must match the run's "
                    "adapters and rollout files")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="base weights dtype (auto: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32")
+                   help="base weights dtype (auto: bf16 on CUDA and on CPUs with native bf16, else fp32); "
+                   "LoRA weights stay fp32 and are never merged into the base weights")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
-    """auto: bf16 on CUDA, fp32 on CPU. [ours] bf16 on CPU is ~2x faster where avx512_bf16 exists."""
+    """auto: bf16 on CUDA and on CPUs with fast bf16 kernels (oneDNN's check: AVX-512 BF16 /
+    AMX or Arm bf16), else fp32. [ours] On an AVX2-only CPU bf16 is emulated: we measured
+    generation 2.8x and a scoring forward 5x slower in bf16 than in fp32 (SmolLM2-135M)."""
     if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if device.startswith("cuda"):
+            return torch.bfloat16
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -188,6 +193,7 @@ class LLM:
         self.eos_id = self.tok.eos_token_id
         # [ours] explanations are plain text: special tokens other than EOS are never sampled
         self.suppress = sorted(set(self.tok.all_special_ids) - {self.eos_id}) or None
+        self._policy_bias = None
         self.model = self.base  # becomes a PeftModel after attach()
         self.yes_id, self.no_id = self.answer_ids()
 
@@ -271,28 +277,6 @@ class LLM:
         self.model.set_adapter(name)
         return nullcontext()
 
-    @contextmanager
-    def merged(self, name: str | None):
-        """Context: adapter `name` merged into the base weights (generation ~2x faster on CPU than
-        running LoRA beside each layer); the original weights are restored exactly afterwards."""
-        from peft.tuners.lora import LoraLayer
-        if name is None:
-            with self.use(None):
-                yield
-            return
-        self.model.set_adapter(name)
-        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
-        saved = [m.get_base_layer().weight.data.clone() for m in layers]
-        try:
-            with torch.no_grad():
-                self.model.merge_adapter([name])
-            yield
-        finally:
-            with torch.no_grad():
-                for m, w in zip(layers, saved):
-                    m.get_base_layer().weight.data.copy_(w)
-                    m.merged_adapters.clear()
-
     def trainable(self, name: str) -> list[torch.nn.Parameter]:
         """Make only adapter `name` trainable; returns its parameters."""
         params = []
@@ -345,10 +329,27 @@ class LLM:
         out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
         return out.last_hidden_state, ids, mask
 
+    def policy_bias(self) -> torch.Tensor:
+        """[V] fp32 bias that turns the lm_head logits into the explainer's *policy*: 0 for every
+        token, -inf for the special tokens generation never samples (all but EOS), plus the
+        lm_head's own bias if it has one. generate() and completion_logprobs() both use it, so
+        the distribution that samples is the one whose log-probs PPO stores and trains."""
+        if self._policy_bias is None:
+            _, head = self._parts()
+            b = torch.zeros(head.weight.shape[0], dtype=torch.float32, device=self.device)
+            if getattr(head, "bias", None) is not None:
+                b += head.bias.detach().float()
+            if self.suppress:
+                b[self.suppress] = float("-inf")
+            self._policy_bias = b
+        return self._policy_bias
+
     def completion_logprobs(self, prompts: list[list[int]], completions: list[list[int]],
-                            entropy: bool = False):
-        """Per-token log p(completion token | prefix) under the active adapter; list of [L_i]
-        tensors (and entropies). Only completion positions reach the lm_head, via the kernel."""
+                            entropy: bool = False, temperature: float = 1.0):
+        """Per-token log pi(completion token | prefix) under the active adapter, where pi is the
+        sampling distribution of generate(): softmax((logits + policy_bias) / temperature).
+        List of [L_i] fp32 tensors (and entropies). Only completion positions reach the lm_head,
+        via the kernel."""
         _, head = self._parts()
         h, ids, _ = self.hidden([p + c for p, c in zip(prompts, completions)])
         T = ids.shape[1]
@@ -356,7 +357,8 @@ class LLM:
         cols = torch.cat([torch.arange(T - len(c), T) for c in completions]).to(self.device)
         rows = rows.to(self.device)
         out = kernels.selected_logprobs(h[rows, cols - 1], head.weight, ids[rows, cols],
-                                        bias=getattr(head, "bias", None), return_entropy=entropy)
+                                        bias=self.policy_bias(), temperature=temperature,
+                                        return_entropy=entropy)
         lens = [len(c) for c in completions]
         if entropy:
             return list(out[0].split(lens)), list(out[1].split(lens))
@@ -389,24 +391,46 @@ class LLM:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], *, greedy: bool, temperature: float = 1.0,
-                 top_p: float = 1.0, max_new_tokens: int = 32) -> list[list[int]]:
-        """Batched, left-padded generation with the active adapter; completions cut after EOS
-        (EOS kept, so the policy learns to stop)."""
+                 max_new_tokens: int = 32, return_logprobs: bool = False):
+        """Batched, left-padded generation with the active adapter, **unmerged**: the same
+        modules, weights and dtype as the forward pass of completion_logprobs() and PPO (a LoRA
+        merged into bf16 weights loses most of its update to rounding). Sampling draws from
+        softmax((logits + policy_bias) / temperature) (no top-k/top-p truncation: PPO needs the
+        log-probs of the distribution that sampled). Completions are cut after EOS (EOS kept, so
+        the policy learns to stop). return_logprobs: also the per-token log-probs of the sampled
+        tokens as generation computed them (KV-cached), for checks against completion_logprobs."""
+        from transformers import GenerationConfig
         ids, mask = self.pad_left(prompts)
-        kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
-                                                       top_p=top_p, top_k=0)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                  pad_token_id=self.tok.pad_token_id, eos_token_id=self.eos_id,
-                                  suppress_tokens=self.suppress, **kw)
-        res = []
-        for row in out[:, ids.shape[1]:].tolist():
+        sampling = {} if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        cfg = GenerationConfig(**sampling, max_new_tokens=max_new_tokens,
+                               pad_token_id=self.tok.pad_token_id, eos_token_id=self.eos_id,
+                               suppress_tokens=self.suppress, output_scores=return_logprobs,
+                               return_dict_in_generate=True)
+        gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        new = gen.sequences[:, ids.shape[1]:]
+        res, lps = [], []
+        for b, row in enumerate(new.tolist()):
             if self.eos_id in row:
                 row = row[: row.index(self.eos_id) + 1]
             res.append(row)
-        return res
+            if return_logprobs:  # scores = logits after suppression and temperature
+                lps.append(torch.stack([torch.log_softmax(gen.scores[t][b].float(), -1)[tok]
+                                        for t, tok in enumerate(row)]) if row else torch.zeros(0))
+        return (res, lps) if return_logprobs else res
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True).strip()
+
+
+def policy_folder(paths: common.RunPaths, tag: str) -> Path | None:
+    """The adapter folder of explainer policy `tag`: None for base (the reference itself, no
+    adapter), R/policy/iter_k for iter_k (an error naming the command that makes it)."""
+    if tag == "base":
+        return None
+    if not tag.startswith("iter_") or not tag[5:].isdigit():
+        raise ExpCTRError(f"policy {tag}: expected base or iter_<k>")
+    k = int(tag[5:])
+    return paths.require(paths.policy(k), f"python stage3_rl.py --run-dir {paths.root} --iter {k}")
 
 
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

@@ -16,9 +16,11 @@
 #   1. python train_ctr.py   --run-dir R --model din                       (ID-only backbone)
 #   2. python stage2_reward.py --run-dir R --split train,valid,test --tag base   (untuned explainer)
 #   3. python stage1_sft.py  --run-dir R                                   (LLM-CTR scorer, LoRA)
+#      python stage2_reward.py --run-dir R --probe base                    (reward probe, base policy)
 #   4. Phase 1, LC alignment, k = 1..N1:
-#        python stage2_reward.py --run-dir R --iter k --lambda-ic 0        (rollouts + r_LC)
+#        python stage2_reward.py --run-dir R --iter k --lambda-ic 0        (rollouts + r_LC, rl prompts)
 #        python stage3_rl.py     --run-dir R --iter k                      (PPO -> policy/iter_k)
+#        python stage2_reward.py --run-dir R --probe iter_k                (reward probe, same prompts)
 #   5. Phase 2: python stage2_reward.py --run-dir R --split train,valid,test --tag iter_N1
 #              python train_ctr.py --run-dir R --model din --text-emb 'R/explanations/iter_N1/{split}.npy'
 #                     --init-from R/ctr/din --out-name aug_din_iter_N1      (ExpCTR-Aug)
@@ -27,6 +29,8 @@
 #        python stage3_rl.py     --run-dir R --iter k
 #      (--rounds N repeats 5-6, each round starting from the latest iteration)
 #   7. python stage2_reward.py --run-dir R --split valid,test --tag iter_FINAL
+#      python train_ctr.py --run-dir R --model din --epochs 0 --init-from R/ctr/aug_din_iter_N1
+#             --text-emb 'R/explanations/iter_FINAL/{split}.npy' --out-name aug_din_iter_N1_on_iter_FINAL
 #   8. python stage1_sft.py  --run-dir R --predict none,base,iter_FINAL --split test
 #   9. python evaluate.py    --run-dir R
 # Per-step wall times go to R/timings.jsonl and are printed.
@@ -39,7 +43,7 @@ while [ $# -gt 0 ]; do
     --preset) PRESET="$2"; shift 2 ;;
     --runs-dir) RUNS_DIR="$2"; shift 2 ;;
     --rounds) ROUNDS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see ./run.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -52,11 +56,12 @@ case "$PRESET" in
   smoke)
     R="$RUNS_DIR/smoke"; MODEL=tiny
     DATA=(--dataset synthetic --n-users 120 --n-items 80 --n-interactions 4000 --history-len 5
-          --max-samples train=48 --max-samples valid=24 --max-samples test=24)
+          --max-samples train=48 --max-samples valid=24 --max-samples test=24
+          --max-samples rl=12 --max-samples probe=4)
     CTR_MODELS=(popularity din); ID_BENCH=0
     LLM=(--dtype float32)
     GEN=(--max-new-tokens 12 --gen-batch 16 --fwd-batch 16)
-    ROLL=(--prompts-per-iter 4 --k-samples 4 --temperature 1.0 --top-p 1.0)
+    ROLL=(--prompts-per-iter 4 --k-samples 4 --temperature 1.0)
     SFT=(--epochs 1 --lr 1e-3 --batch-size 8)
     PPO=(--ppo-epochs 1 --minibatch 8 --lr 1e-4 --kl-beta 0.05)
     N1=2; N3=1; LAMBDA=0.5; PRED_SPLITS=valid,test ;;
@@ -65,22 +70,26 @@ case "$PRESET" in
     # [ours] the LLM stages see a seeded subset (CPU budget); the ID models are the ones trained
     # on the FULL ML-100K train split (ml100k-ctr), scored on this subset with --epochs 0, so
     # id_ctr and the ExpCTR-Aug warm start are real backbones, not models fit on 384 samples
-    DATA=(--dataset ml-100k --max-samples train=384 --max-samples valid=128 --max-samples test=256)
+    # rl/probe: prompts carved out of the training period by data_prep.py (same seed and shares
+    # as the full-data run ml100k-ctr, so its ID models never trained on them either)
+    DATA=(--dataset ml-100k --max-samples train=384 --max-samples valid=128 --max-samples test=256
+          --max-samples rl=64 --max-samples probe=24)
     CTR_MODELS=(popularity logreg deepfm dcnv2 din); ID_BENCH=1
-    LLM=(--dtype bfloat16)   # [ours] ~2x faster than fp32 on CPUs with avx512_bf16
+    LLM=(--dtype auto)   # [ours] bf16 where the CPU has native bf16, else fp32 (3-5x faster there)
     GEN=(--max-new-tokens 32 --gen-batch 16 --fwd-batch 16)
-    ROLL=(--prompts-per-iter 8 --k-samples 4 --temperature 1.0 --top-p 1.0)
+    ROLL=(--prompts-per-iter 8 --k-samples 4 --temperature 1.0)
     SFT=(--epochs 1 --lr 5e-4 --batch-size 8)   # [ours] few steps on CPU: a larger lr than TALLRec's
     PPO=(--ppo-epochs 2 --minibatch 8 --lr 1e-4 --kl-beta 0.05)
     N1=2; N3=1; LAMBDA=0.5; PRED_SPLITS=valid,test ;;
   paper)
     R="$RUNS_DIR/paper"; MODEL=smollm2-135m
     DATA=(--dataset ml-100k --history-len 10
-          --max-samples train=8000 --max-samples valid=1000 --max-samples test=2000)
+          --max-samples train=8000 --max-samples valid=1000 --max-samples test=2000
+          --max-samples rl=4000 --max-samples probe=128)
     CTR_MODELS=(popularity logreg deepfm dcnv2 din); ID_BENCH=1
     LLM=(--dtype bfloat16)
     GEN=(--max-new-tokens 40 --gen-batch 128 --fwd-batch 64)
-    ROLL=(--prompts-per-iter 128 --k-samples 4 --temperature 1.0 --top-p 1.0)
+    ROLL=(--prompts-per-iter 128 --k-samples 4 --temperature 1.0)
     SFT=(--epochs 3 --lr 1e-4 --batch-size 16)
     PPO=(--ppo-epochs 2 --minibatch 32 --lr 5e-5 --kl-beta 0.05)
     N1=20; N3=10; LAMBDA=0.5; PRED_SPLITS=valid,test ;;
@@ -144,12 +153,16 @@ for m in "${CTR_MODELS[@]}"; do
 done
 step "explanations base" "$PY" stage2_reward.py "${A[@]}" "${GEN[@]}" --split train,valid,test --tag base
 step "scorer sft" "$PY" stage1_sft.py "${A[@]}" "${SFT[@]}"
+# the reward probe: fixed held-out prompts, same K and seed for every policy (the learning curve)
+probe() { step "probe $1" "$PY" stage2_reward.py "${A[@]}" "${GEN[@]}" "${ROLL[@]}" --probe "$1"; }
+probe base
 
 ppo_iter() {  # ppo_iter K LAMBDA [AUG]
   local k="$1" lam="$2" aug=(); [ -n "${3:-}" ] && aug=(--aug "$3")
   step "rollouts iter $k" "$PY" stage2_reward.py "${A[@]}" "${GEN[@]}" "${ROLL[@]}" --iter "$k" \
        --lambda-ic "$lam" "${aug[@]}"
   step "ppo iter $k" "$PY" stage3_rl.py "${A[@]}" "${PPO[@]}" --iter "$k"
+  probe "iter_$k"
 }
 
 # ---- 4. phase 1: LC alignment -------------------------------------------------------------------
@@ -168,12 +181,15 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 # ---- 7-8. final explanations and scorer predictions ------------------------------------------------
 step "explanations iter_$K" "$PY" stage2_reward.py "${A[@]}" "${GEN[@]}" --split valid,test --tag "iter_$K"
-step "scorer predictions" "$PY" stage1_sft.py "${A[@]}" --predict "none,base,iter_$K" --split "$PRED_SPLITS"
-run_json final_tag="iter_$K" aug="${AUG:-null}"
-# ---- 9. evaluation ------------------------------------------------------------------------------
-if [ -f evaluate.py ]; then
-  step "evaluate" "$PY" evaluate.py --run-dir "$R"
-else
-  echo "[run.sh] evaluate.py not found: skipping the evaluation"
+AUG_FINAL=""
+if [ -n "$AUG" ] && [ "$AUG" != "aug_din_iter_$K" ]; then
+  # the ExpCTR-Aug model reading the final (IC-aligned) policy's explanations: what r_IC scored
+  AUG_FINAL="${AUG}_on_iter_$K"
+  step "train_ctr $AUG_FINAL" "$PY" train_ctr.py --run-dir "$R" --model din --epochs 0 \
+       --init-from "$R/ctr/$AUG" --text-emb "$R/explanations/iter_$K/{split}.npy" --out-name "$AUG_FINAL"
 fi
+step "scorer predictions" "$PY" stage1_sft.py "${A[@]}" --predict "none,base,iter_$K" --split "$PRED_SPLITS"
+run_json final_tag="iter_$K" aug="${AUG:-null}" aug_final="${AUG_FINAL:-null}"
+# ---- 9. evaluation ------------------------------------------------------------------------------
+step "evaluate" "$PY" evaluate.py --run-dir "$R"
 echo "[run.sh] preset $PRESET finished in $(( $(date +%s) - T_ALL ))s -> $R"

@@ -50,8 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--expl-dropout", type=float, default=0.3,
                    help="probability of training an example without its explanation [ours]")
     p.add_argument("--max-train", type=int, default=None, help="use only the first N train rows")
-    p.add_argument("--patience", type=int, default=1, help="early stop after N epochs without a "
-                   "better valid AUC (with explanations)")
+    p.add_argument("--patience", type=int, default=1, help="early stop after N epochs in a row "
+                   "without a better valid AUC (with explanations)")
     p.add_argument("--eval-batch", type=int, default=16, help="sequences per scoring forward pass")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     p.add_argument("--predict", default=None, help="predict mode: comma-separated tags "
@@ -136,7 +136,7 @@ def train(args, paths: RunPaths, model: str):
         no_e = predict_p(bundle, va_prompts, [None] * len(va_rows), args.eval_batch, "valid-expl")
         return auc(va_labels, with_e), auc(va_labels, no_e)
 
-    best, best_state, history, bad = float("-inf"), None, [], 0
+    stopper, best_state, history = common.EarlyStopping(args.patience), None, []
     for epoch in range(1, args.epochs + 1):
         # ---- algorithm: one epoch of SFT with explanation dropout ----
         bundle.model.train()
@@ -168,15 +168,12 @@ def train(args, paths: RunPaths, model: str):
         print(f"[stage1] epoch {epoch}: loss {row['loss']:.4f}, valid AUC with expl {auc_e}, "
               f"without {auc_n}, {row['tokens_per_s']} train tokens/s")
         score = auc_e if auc_e is not None else -epoch  # single-class valid: keep the last epoch
-        if score > best:
-            best, bad = score, 0
+        if stopper.step(score):
             best_state = {n: p.detach().clone() for n, p in bundle.model.named_parameters()
                           if p.requires_grad}
             best_row = row
-        else:
-            bad += 1
-            if bad > args.patience:
-                break
+        elif stopper.stop:
+            break
     # ---- plumbing: keep the best epoch, save adapter + metrics atomically ----
     with torch.no_grad():
         named = dict(bundle.model.named_parameters())

@@ -1,25 +1,42 @@
 """Rollouts and rewards of ExpCTR (PAPER_NOTES.md §2-4): sample explanations, score them.
 
-Paper part: the two alignment rewards. For each training prompt the explainer (LoRA adapter
+Paper part: the two alignment rewards. For each RL prompt the explainer (LoRA adapter
 `explainer`, policy of iteration k-1) samples K explanations; each is scored by
   r_LC = log p_scorer(true label | prompt, explanation)        (LC alignment, the LLM-CTR scorer)
   r_IC = log p_aug(true label | ID features, emb(explanation))  (IC alignment, the ExpCTR-Aug model)
   r    = r_LC + lambda * r_IC.
 It also stores the per-token log-probs of each explanation under the explainer (logp_old) and
 under the reference = base model with adapters off (logp_ref), which stage3_rl.py needs for PPO.
+Both are log-probs of the distribution that sampled: softmax((logits + policy bias) / T), with
+the adapter unmerged (llm.LLM.generate), at float32 precision.
 
-Two modes.
-  Rollouts (--iter k): reads R/data/train.jsonl, R/scorer/ (stage1_sft.py), R/policy/iter_{k-1}/
+[ours] The reward models never score prompts they trained on: RL prompts come from
+R/data/rl.jsonl and the probe from R/data/probe.jsonl, parts of the training period that
+data_prep.py removed from train.jsonl (the scorer, the ID models and ExpCTR-Aug train on
+train.jsonl only). A reward model that memorised its training labels would give every
+explanation of a prompt the same reward, and the advantage would vanish.
+
+Three modes.
+  Rollouts (--iter k): reads R/data/rl.jsonl, R/scorer/ (stage1_sft.py), R/policy/iter_{k-1}/
     (stage3_rl.py; none at k=1: a fresh LoRA equals the base), optionally --aug R/ctr/aug_* ;
-    writes R/rollouts/iter_k.jsonl, rows {uid, iid, label, prompt, explanation, prompt_ids,
-    completion_ids, r_lc, r_ic, reward, logp_old, logp_ref, group, policy, model}.
+    the prompts of iteration k are the k-th block of --prompts-per-iter in a seeded order of rl
+    (fresh prompts each iteration until rl is used up). Writes R/rollouts/iter_k.jsonl, rows
+    {uid, iid, label, prompt, explanation, prompt_ids, completion_ids, r_lc, r_ic, reward,
+    logp_old, logp_ref, group, policy, phase, lambda_ic, temperature, model}.
+  Probe (--probe TAG): the fixed held-out reward probe of policy TAG (base or iter_k): every
+    prompt of R/data/probe.jsonl, K samples each, the same sampling seed for every policy, scored
+    by r_LC (and r_IC with --aug) -> R/probe/TAG.jsonl rows {uid, iid, label, group, explanation,
+    n_tokens, r_lc, r_ic, kl_ref, policy, model, seed, temperature}; kl_ref = sum over tokens of
+    log pi - log pi_ref (a one-sample estimate of the sequence KL to the reference). Like with
+    like across iterations: evaluate.py draws the learning curve from these files.
   Explanations (--split S1,S2 --tag T): greedy explanations of policy T (base = the untuned base
     model; iter_k = R/policy/iter_k/) for every sample of each split -> R/explanations/T/S.jsonl
     rows {uid, iid, label, prompt, explanation, n_tokens} + R/explanations/T/S.npy embeddings
     (row-aligned with R/data/S.jsonl) + R/explanations/T/meta.json.
-Both append rows to R/metrics.jsonl (stage "stage2_reward", with explanations per second).
+All append rows to R/metrics.jsonl (stage "stage2_reward" / "probe").
 
     python stage2_reward.py --run-dir runs/x --split train,valid,test --tag base
+    python stage2_reward.py --run-dir runs/x --probe base
     python stage2_reward.py --run-dir runs/x --iter 1 --lambda-ic 0
     python stage2_reward.py --run-dir runs/x --iter 3 --lambda-ic 0.5 --aug runs/x/ctr/aug_din_iter_2
 """
@@ -37,26 +54,31 @@ import common
 import llm
 from common import ExpCTRError, RunPaths
 
+SEED_STRIDE = 100003  # sampling seed of iteration k = seed * SEED_STRIDE + k (the probe uses k = 0)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", required=True, help="run folder (made by data_prep.py)")
     llm.add_model_args(p)  # --model, --dtype, --device, --threads
-    p.add_argument("--seed", type=int, default=0, help="seed of prompt sampling and generation")
-    # rollout mode
+    p.add_argument("--seed", type=int, default=0, help="seed of prompt order and sampling")
+    # rollout and probe modes
     p.add_argument("--iter", type=int, default=None, help="rollout mode: PPO iteration k (1-based)")
+    p.add_argument("--probe", default=None, metavar="TAG",
+                   help="probe mode: score policy TAG (base or iter_k) on R/data/probe.jsonl")
     p.add_argument("--prompts-per-iter", type=int, default=16,
-                   help="training prompts per iteration (a seeded sample of train) [ours]")
+                   help="RL prompts per iteration (a block of a seeded order of rl.jsonl) [ours]")
     p.add_argument("--k-samples", type=int, default=4, help="K sampled explanations per prompt [ours]")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top-p (1 = off)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; the stored log-probs are of this distribution "
+                        "(no top-k/top-p: PPO needs the log-probs of what sampled)")
     p.add_argument("--lambda-ic", type=float, default=0.0, help="weight of r_IC in the reward")
     p.add_argument("--aug", default=None, help="ExpCTR-Aug checkpoint folder (train_ctr.py "
                    "--text-emb ... --out-name aug_...); needed when --lambda-ic > 0")
     # explanation mode
     p.add_argument("--split", default=None, help="explanation mode: comma-separated splits")
     p.add_argument("--tag", default=None, help="explanation mode: base or iter_k")
-    # both
+    # all
     p.add_argument("--max-new-tokens", type=int, default=40, help="explanation length cap (tokens)")
     p.add_argument("--encoder", default=None, help="embedding model for explanations (default: the "
                    "base LLM, adapters off, mean-pooled last hidden state)")
@@ -66,10 +88,13 @@ def parse_args(argv=None):
                    help="explanation mode: checkpoint partial results every N generate batches")
     p.add_argument("--force", action="store_true", help="redo even if the output exists")
     a = p.parse_args(argv)
-    if (a.iter is None) == (a.split is None):
-        p.error("give either --iter K (rollouts) or --split S --tag T (explanations)")
+    if sum(x is not None for x in (a.iter, a.probe, a.split)) != 1:
+        p.error("give one of --iter K (rollouts), --probe TAG (reward probe) or --split S --tag T "
+                "(explanations)")
     if a.split is not None and not a.tag:
         p.error("--split needs --tag (base or iter_k)")
+    if a.temperature <= 0:
+        p.error("--temperature must be > 0")
     return a
 
 
@@ -107,57 +132,104 @@ def ic_reward(aug_dir: str, samples: list[dict], emb: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def token_logprobs(bundle, adapter, prompt_ids, completion_ids, batch) -> list[list[float]]:
-    """Per-token log-probs of each completion under `adapter` (None = the reference)."""
+def token_logprobs(bundle, adapter, prompt_ids, completion_ids, batch, temperature) -> list[list[float]]:
+    """Per-token log-probs of each completion under `adapter` (None = the reference), of the
+    sampling distribution at `temperature`; float32 values, stored unrounded."""
     out = [None] * len(prompt_ids)
     with bundle.use(adapter):
         for idx in llm.length_batches([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)],
                                       batch):
             lps = bundle.completion_logprobs([prompt_ids[i] for i in idx],
-                                             [completion_ids[i] for i in idx])
+                                             [completion_ids[i] for i in idx], temperature=temperature)
             for j, i in enumerate(idx):
-                out[i] = [round(x, 6) for x in lps[j].float().cpu().tolist()]
+                out[i] = lps[j].float().cpu().tolist()
     return out
 
 
+def iteration_prompts(n: int, per_iter: int, k: int, seed: int) -> np.ndarray:
+    """[ours] Indices into rl.jsonl of iteration k's prompts: the k-th block of per_iter in a
+    seeded order of all n prompts (a fresh permutation each pass), so every prompt is used once
+    before any is used twice."""
+    per_iter = min(per_iter, n)
+    start, order = (k - 1) * per_iter, []
+    p = 0
+    while len(order) < start + per_iter:
+        order += np.random.default_rng([seed, p]).permutation(n).tolist()
+        p += 1
+    return np.sort(order[start:start + per_iter])
+
+
 def generate_all(bundle, adapter, prompt_ids, args, greedy, desc, on_batch=None, done=None):
-    """Batched generation over prompt_ids (already repeated K times for rollouts)."""
+    """Batched generation over prompt_ids (already repeated K times for rollouts), adapter active
+    and unmerged. Sampled mode also returns the generation-time log-probs of each token."""
     done = done or {}
     todo = [i for i in range(len(prompt_ids)) if i not in done]
     # rollouts keep the K copies of a prompt together; explanations batch by length
     batches = ([todo[i:i + args.gen_batch] for i in range(0, len(todo), args.gen_batch)] if not greedy
                else [[todo[j] for j in b] for b in
                      llm.length_batches([len(prompt_ids[i]) for i in todo], args.gen_batch)])
-    out = dict(done)
-    with bundle.merged(adapter):  # [ours] LoRA merged for speed, weights restored exactly after
+    out, gen_lp = dict(done), {}
+    with bundle.use(adapter):
         for b, idx in enumerate(tqdm(batches, desc=desc, unit=" batch")):
-            comps = bundle.generate([prompt_ids[i] for i in idx], greedy=greedy,
-                                    temperature=args.temperature, top_p=args.top_p,
-                                    max_new_tokens=args.max_new_tokens)
+            res = bundle.generate([prompt_ids[i] for i in idx], greedy=greedy,
+                                  temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                  return_logprobs=not greedy)
+            comps, lps = (res, None) if greedy else res
             out.update(zip(idx, comps))
+            if lps is not None:
+                gen_lp.update(zip(idx, lps))
             if on_batch is not None and (b + 1) % args.save_every == 0:
                 on_batch(out)
-    return [out[i] for i in range(len(prompt_ids))]
+    comps = [out[i] for i in range(len(prompt_ids))]
+    return comps if greedy else (comps, [gen_lp[i] for i in range(len(prompt_ids))])
 
 
-# ---- plumbing: the two modes -------------------------------------------------------------
-def load_policy(bundle: llm.LLM, paths: RunPaths, tag: str) -> str | None:
-    """'base' -> no adapter; 'iter_k' -> R/policy/iter_k attached as `explainer`."""
-    if tag == "base":
-        return None
-    if not tag.startswith("iter_") or not tag[5:].isdigit():
-        raise ExpCTRError(f"--tag {tag}: expected base or iter_<k>")
-    k = int(tag[5:])
-    folder = paths.require(paths.policy(k), f"python stage3_rl.py --run-dir {paths.root} --iter {k}")
-    bundle.attach({"explainer": folder})
-    return "explainer"
+def sample_and_score(bundle, actor, samples, items, args, seed, desc):
+    """K samples per prompt from `actor` (None = base), their rewards and log-probs; one dict of
+    per-sample lists. `behaviour_gap` = max |log-prob as generation computed it - logp_old|: the
+    sampling policy and the stored one are the same distribution up to float rounding."""
+    prompts = [common.build_prompt(s, items) for s in samples]
+    prompt_ids = [bundle.explainer_ids(p) for p in prompts]
+    torch.manual_seed(seed)
+    t0 = time.time()
+    comps, gen_lp = generate_all(bundle, actor, prompt_ids, args, False, desc)
+    gen_s = time.time() - t0
+    expls = [bundle.decode(c) for c in comps]
+    labels = [s["label"] for s in samples]
+    t1 = time.time()
+    r_lc = lc_reward(bundle, prompts, expls, labels, args.fwd_batch)
+    r_ic = None
+    if args.aug:
+        r_ic = ic_reward(args.aug, samples, llm.make_embedder(bundle, args.encoder, args.fwd_batch)(expls))
+    reward = r_lc + (args.lambda_ic * r_ic if r_ic is not None else 0.0)
+    logp_old = token_logprobs(bundle, actor, prompt_ids, comps, args.fwd_batch, args.temperature)
+    logp_ref = logp_old if actor is None else token_logprobs(
+        bundle, None, prompt_ids, comps, args.fwd_batch, args.temperature)
+    gaps = [float((g - torch.tensor(o)).abs().max()) for g, o in zip(gen_lp, logp_old) if len(o)]
+    return {"prompts": prompts, "prompt_ids": prompt_ids, "comps": comps, "expls": expls,
+            "r_lc": r_lc, "r_ic": r_ic, "reward": reward, "logp_old": logp_old,
+            "logp_ref": logp_ref, "gen_s": gen_s, "score_s": time.time() - t1,
+            "behaviour_gap": max(gaps) if gaps else 0.0}
+
+
+# ---- plumbing: the three modes -----------------------------------------------------------
+def attach_policy(bundle: llm.LLM, paths: RunPaths, tag: str, scorer: Path | None = None) -> str | None:
+    """Attach the scorer (if given) and policy `tag` (base: none, the reference itself; iter_k:
+    R/policy/iter_k as `explainer`); returns the explainer adapter name or None."""
+    folder = llm.policy_folder(paths, tag)
+    adapters = {"scorer": scorer} if scorer is not None else {}
+    if folder is not None:
+        adapters["explainer"] = folder
+    if adapters:
+        bundle.attach(adapters)
+    return "explainer" if folder is not None else None
 
 
 def explanations_mode(args, paths: RunPaths, model: str):
     splits = [s for s in args.split.split(",") if s]
     for s in splits:
-        if s not in common.SPLITS:
-            raise ExpCTRError(f"--split {s}: expected one of {', '.join(common.SPLITS)}")
+        if s not in common.ALL_SPLITS:
+            raise ExpCTRError(f"--split {s}: expected one of {', '.join(common.ALL_SPLITS)}")
     todo = [s for s in splits if args.force or not (paths.explanations(args.tag, s).exists()
                                                    and paths.embeddings(args.tag, s).exists())]
     for s in set(splits) - set(todo):
@@ -172,7 +244,7 @@ def explanations_mode(args, paths: RunPaths, model: str):
                               f"{meta.get('encoder')}, not {model} / {args.encoder}; use --force")
     items = common.load_items(paths)
     bundle = llm.LLM(model, args.dtype, args.device, args.threads)
-    adapter = load_policy(bundle, paths, args.tag)
+    adapter = attach_policy(bundle, paths, args.tag)
     embedder = llm.make_embedder(bundle, args.encoder, args.fwd_batch)
     for split in todo:
         rows = common.load_split(paths, split)
@@ -210,18 +282,20 @@ def explanations_mode(args, paths: RunPaths, model: str):
               f"{row['expl_per_s']} expl/s, e.g. {expls[0]!r}")
 
 
-def rollout_mode(args, paths: RunPaths, model: str):
-    k = args.iter
-    out = paths.rollouts(k)
-    if out.exists() and not args.force:
-        first = common.read_jsonl(out)[:1]
-        if first and first[0].get("model") != model:
-            raise ExpCTRError(f"{out} was made with --model {first[0].get('model')}, not {model}: "
-                              f"use --force or a fresh run folder")
-        print(f"[stage2] {out} exists, skipped")
-        return
-    if k < 1:
-        raise ExpCTRError(f"--iter {k}: iterations start at 1")
+def check_existing(out: Path, model: str) -> bool:
+    """True (skip) when `out` exists and was made with `model`; an error when with another."""
+    if not out.exists():
+        return False
+    first = common.read_jsonl(out)[:1]
+    if first and first[0].get("model") != model:
+        raise ExpCTRError(f"{out} was made with --model {first[0].get('model')}, not {model}: "
+                          f"use --force or a fresh run folder")
+    print(f"[stage2] {out} exists, skipped")
+    return True
+
+
+def reward_inputs(args, paths: RunPaths, split: str) -> tuple[Path, list[dict]]:
+    """The scorer folder and the prompt split (rl or probe), with one-line errors."""
     scorer = paths.require(paths.scorer / "adapter_config.json",
                            f"python stage1_sft.py --run-dir {paths.root}").parent
     if args.lambda_ic > 0 and not args.aug:
@@ -230,56 +304,84 @@ def rollout_mode(args, paths: RunPaths, model: str):
     if args.aug:
         paths.require(Path(args.aug), "python train_ctr.py --run-dir R --model din --text-emb ... "
                       "--init-from R/ctr/din --out-name aug_...")
+    rows = common.read_jsonl(paths.require(paths.split(split), f"python data_prep.py --run-dir "
+                                           f"{paths.root} --force (older run folders have no {split} "
+                                           f"split)"), common.SAMPLE_FIELDS)
+    if not rows:
+        raise ExpCTRError(f"{paths.split(split)}: no samples; rebuild the data with "
+                          f"--{split}-frac > 0 (data_prep.py)")
+    return scorer, rows
+
+
+def rollout_mode(args, paths: RunPaths, model: str):
+    k = args.iter
+    out = paths.rollouts(k)
+    if not args.force and check_existing(out, model):
+        return
+    if k < 1:
+        raise ExpCTRError(f"--iter {k}: iterations start at 1")
+    scorer, rl = reward_inputs(args, paths, "rl")
     items = common.load_items(paths)
-    train = common.load_split(paths, "train")
-    # ---- algorithm: the prompts of iteration k are a seeded sample of train [ours] ----
-    rng = np.random.default_rng([args.seed, k])
-    pick = np.sort(rng.choice(len(train), min(args.prompts_per_iter, len(train)), replace=False))
-    samples = [train[i] for i in pick for _ in range(args.k_samples)]
+    policy = common.policy_tag(k - 1)
+    # ---- algorithm: the prompts of iteration k, K samples each, from the current explainer ----
+    pick = iteration_prompts(len(rl), args.prompts_per_iter, k, args.seed)
+    samples = [rl[i] for i in pick for _ in range(args.k_samples)]
     groups = [g for g in range(len(pick)) for _ in range(args.k_samples)]
     bundle = llm.LLM(model, args.dtype, args.device, args.threads)
-    policy = "base" if k == 1 else f"iter_{k - 1}"
-    adapters = {"scorer": scorer}
-    if k > 1:  # at k=1 the fresh LoRA (B=0) equals the base: sample from the base directly
-        adapters["explainer"] = paths.require(paths.policy(k - 1), f"python stage3_rl.py --run-dir "
-                                              f"{paths.root} --iter {k - 1}")
-    bundle.attach(adapters)
-    actor = "explainer" if k > 1 else None
-    prompts = [common.build_prompt(s, items) for s in samples]
-    prompt_ids = [bundle.explainer_ids(p) for p in prompts]
-    # ---- algorithm: sample K explanations per prompt with the current explainer ----
-    torch.manual_seed(args.seed * 100003 + k)
-    t0 = time.time()
-    comps = generate_all(bundle, actor, prompt_ids, args, False, f"rollouts iter {k}")
-    gen_s = time.time() - t0
-    expls = [bundle.decode(c) for c in comps]
-    labels = [s["label"] for s in samples]
-    # ---- algorithm: rewards and the log-probs PPO needs ----
-    t1 = time.time()
-    r_lc = lc_reward(bundle, prompts, expls, labels, args.fwd_batch)
-    r_ic = None
-    if args.aug:
-        r_ic = ic_reward(args.aug, samples, llm.make_embedder(bundle, args.encoder, args.fwd_batch)(expls))
-    reward = r_lc + (args.lambda_ic * r_ic if r_ic is not None else 0.0)
-    logp_old = token_logprobs(bundle, actor, prompt_ids, comps, args.fwd_batch)
-    logp_ref = logp_old if actor is None else token_logprobs(bundle, None, prompt_ids, comps,
-                                                             args.fwd_batch)
-    score_s = time.time() - t1
+    actor = attach_policy(bundle, paths, policy, scorer)
+    res = sample_and_score(bundle, actor, samples, items, args, args.seed * SEED_STRIDE + k,
+                           f"rollouts iter {k}")
+    phase = "ic" if args.lambda_ic > 0 else "lc"
     common.write_jsonl(out, (
-        {"uid": s["uid"], "iid": s["iid"], "label": s["label"], "prompt": p, "explanation": e,
-         "prompt_ids": pi, "completion_ids": c, "r_lc": float(r_lc[i]),
-         "r_ic": None if r_ic is None else float(r_ic[i]), "reward": float(reward[i]),
-         "logp_old": lo, "logp_ref": lr, "group": g, "policy": policy, "model": model}
-        for i, (s, p, e, pi, c, lo, lr, g) in enumerate(zip(samples, prompts, expls, prompt_ids, comps,
-                                                            logp_old, logp_ref, groups))))
+        {"uid": s["uid"], "iid": s["iid"], "label": s["label"], "prompt": res["prompts"][i],
+         "explanation": res["expls"][i], "prompt_ids": res["prompt_ids"][i],
+         "completion_ids": res["comps"][i], "r_lc": float(res["r_lc"][i]),
+         "r_ic": None if res["r_ic"] is None else float(res["r_ic"][i]),
+         "reward": float(res["reward"][i]), "logp_old": res["logp_old"][i],
+         "logp_ref": res["logp_ref"][i], "group": groups[i], "policy": policy, "phase": phase,
+         "lambda_ic": args.lambda_ic, "temperature": args.temperature, "model": model}
+        for i, s in enumerate(samples)))
+    r_ic = res["r_ic"]
     row = common.log_metrics(
-        paths.metrics, "stage2_reward", iter=k, policy=policy, model=model, n=len(samples),
-        lambda_ic=args.lambda_ic, reward=float(np.mean(reward)), r_lc=float(np.mean(r_lc)),
-        r_ic=None if r_ic is None else float(np.mean(r_ic)),
-        expl_len=float(np.mean([len(c) for c in comps])),
-        expl_per_s=round(len(samples) / gen_s, 3), gen_s=round(gen_s, 1), score_s=round(score_s, 1))
+        paths.metrics, "stage2_reward", iter=k, policy=policy, phase=phase, model=model,
+        n=len(samples), lambda_ic=args.lambda_ic, reward=float(np.mean(res["reward"])),
+        r_lc=float(np.mean(res["r_lc"])), r_ic=None if r_ic is None else float(np.mean(r_ic)),
+        expl_len=float(np.mean([len(c) for c in res["comps"]])),
+        behaviour_gap=res["behaviour_gap"], expl_per_s=round(len(samples) / res["gen_s"], 3),
+        gen_s=round(res["gen_s"], 1), score_s=round(res["score_s"], 1))
     print(f"[stage2] iter {k}: {len(samples)} rollouts, reward {row['reward']:.4f} "
-          f"(r_lc {row['r_lc']:.4f}), {row['expl_per_s']} expl/s; e.g. {expls[0]!r}")
+          f"(r_lc {row['r_lc']:.4f}), {row['expl_per_s']} expl/s, behaviour gap "
+          f"{row['behaviour_gap']:.2e}; e.g. {res['expls'][0]!r}")
+
+
+def probe_mode(args, paths: RunPaths, model: str):
+    tag = args.probe
+    out = paths.probe(tag)
+    if not args.force and check_existing(out, model):
+        return
+    scorer, probe = reward_inputs(args, paths, "probe")
+    items = common.load_items(paths)
+    samples = [s for s in probe for _ in range(args.k_samples)]
+    bundle = llm.LLM(model, args.dtype, args.device, args.threads)
+    actor = attach_policy(bundle, paths, tag, scorer)
+    # ---- algorithm: the same prompts, K and seed for every policy (like with like) ----
+    res = sample_and_score(bundle, actor, samples, items, args, args.seed * SEED_STRIDE,
+                           f"probe {tag}")
+    kl = [float(np.sum(np.subtract(o, r), dtype=np.float64)) for o, r in
+          zip(res["logp_old"], res["logp_ref"])]
+    common.write_jsonl(out, (
+        {"uid": s["uid"], "iid": s["iid"], "label": s["label"], "group": i // args.k_samples,
+         "explanation": res["expls"][i], "n_tokens": len(res["comps"][i]),
+         "r_lc": float(res["r_lc"][i]), "r_ic": None if res["r_ic"] is None else float(res["r_ic"][i]),
+         "kl_ref": kl[i], "policy": tag, "model": model, "seed": args.seed,
+         "temperature": args.temperature}
+        for i, s in enumerate(samples)))
+    row = common.log_metrics(paths.metrics, "probe", tag=tag, model=model, n=len(samples),
+                             r_lc=float(np.mean(res["r_lc"])), kl_ref=float(np.mean(kl)),
+                             behaviour_gap=res["behaviour_gap"], gen_s=round(res["gen_s"], 1),
+                             score_s=round(res["score_s"], 1))
+    print(f"[stage2] probe {tag}: {len(samples)} samples of {len(probe)} prompts, mean r_lc "
+          f"{row['r_lc']:.4f}, KL to reference {row['kl_ref']:.4f} -> {out}")
 
 
 def main(argv=None):
@@ -288,6 +390,8 @@ def main(argv=None):
     model = llm.run_model(paths, args.model)
     if args.iter is not None:
         rollout_mode(args, paths, model)
+    elif args.probe is not None:
+        probe_mode(args, paths, model)
     else:
         explanations_mode(args, paths, model)
 

@@ -2,17 +2,22 @@
 
 Paper part: "RL with LoRA" — the explainer is tuned by PPO with the LC / IC alignment rewards.
 [ours] PPO-clip (epsilon 0.2) on sequence-level rewards: K sampled explanations per prompt,
-leave-one-out group advantage (reward minus the mean of the other K-1 samples of the same prompt),
-normalised by the batch std; a per-token KL penalty to the reference policy (base model with
-adapters off, k3 estimator, coefficient beta); a few epochs of minibatches; gradient clipping.
-A group whose rewards are all equal gets zero advantage (never NaN). The policy is kept in eval
-mode (no LoRA dropout) so the first step's ratio is exactly 1 [ours].
+leave-one-out group advantage (RLOO: reward minus the mean of the other K-1 samples of the same
+prompt, as in TRL's RLOOTrainer; no value head), normalised by the batch std; a per-token KL
+penalty to the reference policy (base model with adapters off, k3 estimator, coefficient beta);
+a few epochs of minibatches; gradient clipping; AdamW without weight decay (decay would pull the
+LoRA toward the reference on its own). A group whose rewards are all equal gets zero advantage
+(never NaN). The policy is kept in eval mode (no LoRA dropout) so the first step's ratio is 1 up
+to float rounding (logged as ratio_first_step) [ours]. Log-probs are of the distribution that
+sampled (the rollout rows' temperature, special tokens masked), see llm.LLM.generate.
 
 Reads   R/rollouts/iter_k.jsonl (stage2_reward.py --iter k), R/policy/iter_{k-1}/ (k>1; at k=1 a
         fresh LoRA, which equals the base since LoRA B=0).
 Writes  R/policy/iter_k/ (peft adapter `explainer`, PeftModel.from_pretrained-loadable) and one
         row {"stage": "stage3_rl", iter, phase, reward, r_lc, r_ic, kl, clip_frac, entropy,
-        expl_len, tokens_per_s, ...} in R/metrics.jsonl.
+        ratio_first_step, expl_len, tokens_per_s, ...} in R/metrics.jsonl. reward/r_lc/r_ic are
+        means over this iteration's own prompts (a training statistic: each iteration draws other
+        prompts, so they are not a learning curve; the reward probe is, see stage2_reward.py).
 
     python stage3_rl.py --run-dir runs/x --iter 1
 """
@@ -43,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--ppo-epochs", type=int, default=2, help="passes over the rollout file [ours]")
     p.add_argument("--minibatch", type=int, default=8, help="sequences per optimizer step [ours]")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the LoRA "
+                   "[ours: 0; a decay pulls the policy toward the reference besides the KL term]")
     p.add_argument("--no-adv-norm", action="store_true", help="do not divide advantages by their std")
     p.add_argument("--force", action="store_true", help="redo even if policy/iter_k exists")
     return p.parse_args(argv)
@@ -50,8 +57,9 @@ def parse_args(argv=None):
 
 # ---- algorithm: the pure math (tests call these on hand-made numbers) ----------------------
 def group_advantages(rewards, groups, normalize: bool = True, eps: float = 1e-8) -> np.ndarray:
-    """Leave-one-out advantage: A_i = r_i - mean_{j != i, same group} r_j, then divided by the
-    batch std. A group whose rewards are all equal (or a group of one) gets exactly 0."""
+    """RLOO advantage (REINFORCE leave-one-out, Ahmadian et al. 2024; TRL RLOOTrainer):
+    A_i = r_i - mean_{j != i, same group} r_j, then divided by the batch std. A group whose
+    rewards are all equal (or a group of one) gets exactly 0."""
     r = np.asarray(rewards, dtype=np.float64)
     g = np.asarray(groups)
     adv = np.zeros_like(r)
@@ -78,8 +86,13 @@ def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 def ppo_loss(logp, logp_old, logp_ref, adv, mask, clip_eps: float = 0.2, kl_beta: float = 0.0):
     """PPO-clip surrogate + beta * k3 KL, tokens averaged per sequence, then over the batch.
     logp/logp_old/logp_ref/mask: [B, L]; adv: [B] (sequence-level, shared by its tokens).
-    Returns (loss, stats dict of floats)."""
-    mask = mask.to(logp.dtype)
+    Padded positions (mask False) never reach the arithmetic: whatever they hold changes neither
+    the loss nor the gradient. Returns (loss, stats dict of floats)."""
+    keep = mask.bool()
+    logp = torch.where(keep, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    logp_old = torch.where(keep, logp_old, logp.detach())
+    logp_ref = torch.where(keep, logp_ref, logp.detach())
+    mask = keep.to(logp.dtype)
     ratio = torch.exp(logp - logp_old)
     a = adv[:, None]
     pg = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps))
@@ -92,7 +105,8 @@ def ppo_loss(logp, logp_old, logp_ref, adv, mask, clip_eps: float = 0.2, kl_beta
         stats = {"pg_loss": float(((pg * mask).sum(1) / n).mean()),
                  "kl": float(((kl * mask).sum(1) / n).mean()),
                  "clip_frac": float((clipped * mask).sum() / mask.sum().clamp(min=1)),
-                 "ratio": float((ratio * mask).sum() / mask.sum().clamp(min=1))}
+                 "ratio": float((ratio * mask).sum() / mask.sum().clamp(min=1)),
+                 "ratio_max_dev": float(((ratio - 1).abs() * mask).max()) if mask.any() else 0.0}
     return loss, stats
 
 
@@ -112,8 +126,9 @@ def pad(seqs: list, value: float = 0.0, device=None) -> tuple[torch.Tensor, torc
 def load_rollouts(paths: RunPaths, k: int, model: str) -> list[dict]:
     f = paths.require(paths.rollouts(k), f"python stage2_reward.py --run-dir {paths.root} --iter {k}")
     rows = common.read_jsonl(f)
-    want_policy = "base" if k == 1 else f"iter_{k - 1}"
-    need = ("prompt_ids", "completion_ids", "logp_old", "logp_ref", "reward", "group")
+    want_policy = common.policy_tag(k - 1)
+    need = ("prompt_ids", "completion_ids", "logp_old", "logp_ref", "reward", "group", "phase",
+            "temperature")
     for i, r in enumerate(rows, 1):
         for key in need:
             if key not in r:
@@ -128,6 +143,10 @@ def load_rollouts(paths: RunPaths, k: int, model: str) -> list[dict]:
                               f"--iter {k} --force`")
         if len(r["logp_old"]) != len(r["completion_ids"]) or len(r["logp_ref"]) != len(r["completion_ids"]):
             raise ExpCTRError(f"{f}:{i}: logp_old/logp_ref and completion_ids differ in length")
+        for key in ("phase", "temperature"):
+            if r[key] != rows[0][key]:
+                raise ExpCTRError(f"{f}:{i}: field '{key}' is {r[key]!r}, line 1 has "
+                                  f"{rows[0][key]!r}: one rollout file is one phase and temperature")
     if not rows:
         raise ExpCTRError(f"{f}: no rollouts")
     return rows
@@ -144,17 +163,14 @@ def main(argv=None):
     rows = load_rollouts(paths, k, model)
     common.set_seed(args.seed + k)
     bundle = llm.LLM(model, args.dtype, args.device, args.threads)
-    prev = None if k == 1 else paths.require(paths.policy(k - 1), f"python stage3_rl.py --run-dir "
-                                             f"{paths.root} --iter {k - 1}")
-    bundle.attach({"explainer": prev})
+    bundle.attach({"explainer": llm.policy_folder(paths, common.policy_tag(k - 1))})
     params = bundle.trainable("explainer")
     bundle.model.eval()  # [ours] no LoRA dropout: ratio == 1 before the first step
-    opt = torch.optim.AdamW(params, lr=args.lr)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     rewards = np.array([r["reward"] for r in rows])
     adv_all = group_advantages(rewards, [r["group"] for r in rows], normalize=not args.no_adv_norm)
-    phase = "ic" if any(r.get("r_ic") is not None and abs(r["reward"] - r["r_lc"]) > 1e-12
-                        for r in rows) else "lc"
+    phase, temperature = rows[0]["phase"], rows[0]["temperature"]
     rng = np.random.default_rng([args.seed, k])
     stats, ents, n_tok, t0 = [], [], 0, time.time()
     steps = [(e, s) for e in range(args.ppo_epochs) for s in range(0, len(rows), args.minibatch)]
@@ -166,7 +182,8 @@ def main(argv=None):
             mb = [rows[i] for i in order[s:s + args.minibatch]]
             # ---- algorithm: one PPO minibatch step ----
             new, ent = bundle.completion_logprobs([r["prompt_ids"] for r in mb],
-                                                  [r["completion_ids"] for r in mb], entropy=True)
+                                                  [r["completion_ids"] for r in mb], entropy=True,
+                                                  temperature=temperature)
             logp = torch.nn.utils.rnn.pad_sequence([x.float() for x in new], batch_first=True)
             old, mask = pad([r["logp_old"] for r in mb], device=bundle.device)
             ref, _ = pad([r["logp_ref"] for r in mb], device=bundle.device)
@@ -191,6 +208,8 @@ def main(argv=None):
         entropy=float(np.mean(ents)), expl_len=float(np.mean([len(r["completion_ids"]) for r in rows])),
         loss=mean("loss"), pg_loss=mean("pg_loss"), grad_norm=mean("grad_norm"),
         kl_last=stats[-1]["kl"], clip_frac_last=stats[-1]["clip_frac"],
+        ratio_first_step=stats[0]["ratio"], ratio_first_step_max_dev=stats[0]["ratio_max_dev"],
+        weight_decay=args.weight_decay, temperature=temperature,
         tokens_per_s=round(n_tok / secs, 1), seconds=round(secs, 1), lr=args.lr, kl_beta=args.kl_beta)
     bundle.save_adapter("explainer", paths.policy(k), iter=k, rollouts=str(paths.rollouts(k)))
     print(f"[stage3] iter {k} ({phase}): reward {row['reward']:.4f}, KL {row['kl']:.5f}, clip "

@@ -46,10 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--text-emb", default=None, help="path pattern with {split}: .npy row-aligned "
                    "with data/<split>.jsonl, or .jsonl with uid/iid/emb keys (ExpCTR-Aug)")
     p.add_argument("--init-from", default=None, help="warm-start from this ID-only checkpoint "
-                   "folder (matching parameters are loaded, text projection starts fresh)")
+                   "folder (matching parameters are loaded; the text projection starts at zero "
+                   "output, so the Aug model starts out predicting exactly what the ID model did)")
     p.add_argument("--epochs", type=int, default=20, help="maximum epochs; 0 with --init-from "
                    "trains nothing and evaluates that checkpoint on this run's valid/test splits "
-                   "(e.g. a model trained on the full data, scored on a subset run)")
+                   "(e.g. a model trained on the full data, scored on a subset run; an ExpCTR-Aug "
+                   "checkpoint reads --text-emb, e.g. another policy's explanations)")
     p.add_argument("--batch-size", type=int, default=1024, help="training batch size")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
@@ -57,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--mlp", default="128,64", help="hidden sizes of the MLP tower")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout in the MLP tower")
     p.add_argument("--patience", type=int, default=3,
-                   help="stop after this many epochs without a better valid AUC")
+                   help="stop after this many epochs in a row without a better valid AUC")
     p.add_argument("--smoothing", type=float, default=20.0,
                    help="popularity: pseudo-count pulling an item's rate to the global rate")
     p.add_argument("--threads", type=int, default=1,
@@ -330,20 +332,27 @@ def fit_baseline(args, data, vocab, cfg):
 
 
 def warm_start(net: CTRNet, old: dict, cfg: dict) -> int:
-    """Load an ID-only state into a text-augmented net. [ours] Layers that grew because the
-    text field was appended (last emb_dim inputs) get the old weights in their ID block and
-    zeros in the text block, so the Aug model starts out predicting exactly what the ID model
-    did; the text projection itself starts fresh (random, so its gradient is not zero)."""
+    """Load an ID-only state into a text-augmented net. [ours] The text projection's output
+    layer starts at zero (like LoRA's B), so the text field is exactly 0 and the Aug model starts
+    out predicting exactly what the ID model did, for every backbone (DeepFM's FM term included);
+    layers that grew because the text field was appended (last emb_dim inputs) get the old
+    weights in their ID block and their fresh random init in the text block, so the gradient
+    reaching the projection is not zero."""
     own, d = net.state_dict(), cfg["emb_dim"]
     w_new = own["deep.0.weight"].shape[1]; w_old = w_new - (d if cfg["text_dim"] else 0)
     n = 0
+    if cfg["text_dim"]:
+        own["text_proj.1.weight"].zero_()
+        own["text_proj.1.bias"].zero_()
     for k, v in old.items():
         if k not in own:
             continue
         t = own[k].clone()
         if t.shape == v.shape:
             t = v.clone()
-        elif k == "deep.0.weight" or (k.startswith("cross.") and k.endswith("weight")):
+        elif k == "deep.0.weight":
+            t[:v.shape[0], :v.shape[1]] = v
+        elif k.startswith("cross.") and k.endswith("weight"):
             t.zero_(); t[:v.shape[0], :v.shape[1]] = v
         elif k.startswith("cross.") and k.endswith("bias"):
             t.zero_(); t[:v.shape[0]] = v
@@ -370,12 +379,12 @@ def train_net(args, data, vocab, cfg, text, paths, out_name):
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)  # seeded batch order
     n = len(y)
-    best, best_state, bad, epoch, best_epoch = -1.0, None, 0, 0, 0
+    stopper, best_state, epoch, best_epoch = common.EarlyStopping(args.patience), None, 0, 0
     if args.init_from:  # [ours] the warm start itself is a candidate: fine-tuning on a small
         pv = predict_net(net, feats["valid"], text["valid"], 4096)  # split may only make it worse
-        best = evaluate_predictions(yv, pv, uv)["auc"]
+        stopper.step(evaluate_predictions(yv, pv, uv)["auc"])
         best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        print(f"[train_ctr] {out_name} epoch 0 (warm start): valid AUC {best:.4f}")
+        print(f"[train_ctr] {out_name} epoch 0 (warm start): valid AUC {stopper.best:.4f}")
     for epoch in range(1, args.epochs + 1):
         net.train()
         perm, total = torch.randperm(n, generator=gen), 0.0
@@ -395,14 +404,11 @@ def train_net(args, data, vocab, cfg, text, paths, out_name):
                            valid_logloss=round(m["logloss"], 6))
         print(f"[train_ctr] {out_name} epoch {epoch}: train loss {total / n:.4f}, "
               f"valid AUC {m['auc']:.4f} logloss {m['logloss']:.4f}")
-        if best_state is None or m["auc"] > best:  # NaN AUC (one-class valid): keep epoch 1
-            best, bad = m["auc"], 0
+        if stopper.step(m["auc"]):  # NaN AUC (one-class valid): keeps the first epoch
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             best_epoch = epoch
-        else:
-            bad += 1
-            if bad >= args.patience:
-                break
+        elif stopper.stop:
+            break
     net.load_state_dict(best_state)
     return net, best_state, best_epoch, epoch
 
@@ -417,29 +423,36 @@ def main(argv=None):
     if (out / "metrics.json").exists() and not args.force:
         print(f"skip: {out / 'metrics.json'} exists (use --force to retrain)")
         return
-    eval_only = args.epochs == 0 and args.init_from is not None and not args.text_emb
+    eval_only = args.epochs == 0 and args.init_from is not None
     if args.text_emb and args.model not in TORCH_MODELS or (
             args.init_from and not eval_only and args.model not in TORCH_MODELS):
         raise ExpCTRError(f"--text-emb/--init-from (with training) need one of "
                           f"{', '.join(TORCH_MODELS)}, not {args.model}")
     if args.epochs < 1 and not eval_only:
-        raise ExpCTRError(f"--epochs {args.epochs}: expected at least 1 (0 only with --init-from "
-                          f"and without --text-emb)")
+        raise ExpCTRError(f"--epochs {args.epochs}: expected at least 1 (0 only with --init-from)")
     common.set_seed(args.seed)
     meta = common.read_json(paths.require(paths.meta, "python data_prep.py"))
     items = common.load_items(paths)
     data = {s: common.load_split(paths, s) for s in common.SPLITS}
     text = {s: None for s in common.SPLITS}
-    if args.text_emb:
-        text = {s: torch.from_numpy(load_text_emb(args.text_emb, s, data[s])) for s in common.SPLITS}
-        dims = {t.shape[1] for t in text.values()}
+    if args.text_emb:  # eval-only reads valid/test only (e.g. the final policy's explanations)
+        text.update({s: torch.from_numpy(load_text_emb(args.text_emb, s, data[s]))
+                     for s in (("valid", "test") if eval_only else common.SPLITS)})
+        dims = {t.shape[1] for t in text.values() if t is not None}
         if len(dims) != 1:
             raise ExpCTRError(f"--text-emb {args.text_emb}: splits disagree on the width {dims}")
+    text_dim = next((int(t.shape[1]) for t in text.values() if t is not None), 0)
     cfg = {"model": args.model, "emb_dim": args.emb_dim, "mlp": args.mlp, "dropout": args.dropout,
-           "text_dim": 0 if text["train"] is None else int(text["train"].shape[1])}
+           "text_dim": text_dim}
     if args.init_from:
         init = load_checkpoint(args.init_from)
-        if init.model_name != args.model or init.text_dim:
+        if eval_only and (init.model_name != args.model or init.text_dim != text_dim):
+            raise ExpCTRError(f"{args.init_from}: is a {init.model_name} model with text_dim "
+                              f"{init.text_dim}; --epochs 0 scores it as it is: pass --model "
+                              f"{init.model_name}" + (f" and --text-emb of width {init.text_dim}"
+                                                      if init.text_dim else " without --text-emb")
+                              + (f" (got width {text_dim})" if text_dim else ""))
+        if not eval_only and (init.model_name != args.model or init.text_dim):
             raise ExpCTRError(f"{args.init_from}: is a {init.model_name} model with text_dim "
                               f"{init.text_dim}; --init-from needs an ID-only {args.model}")
         vocab = init.vocab  # same rows for the same ids

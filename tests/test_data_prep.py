@@ -21,7 +21,7 @@ RAW = ["ml-1m", "ml-20m", "ml-100k", "bookcrossing", "amazon-books"]
 def prep(run, *args):
     data_prep.main(["--run-dir", str(run), *map(str, args)])
     paths = common.RunPaths(run)
-    return paths, {s: common.load_split(paths, s) for s in common.SPLITS}, common.load_items(paths)
+    return paths, {s: common.load_split(paths, s) for s in common.ALL_SPLITS}, common.load_items(paths)
 
 
 def prep_cli(run, *args):

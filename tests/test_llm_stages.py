@@ -15,6 +15,7 @@ import stage1_sft
 import stage2_reward
 import stage3_rl
 from common import ExpCTRError, RunPaths
+from conftest import copy_run
 
 ROLL = ["--model", "tiny", "--dtype", "float32", "--max-new-tokens", "6", "--prompts-per-iter", "3",
         "--k-samples", "2", "--gen-batch", "4", "--fwd-batch", "4"]
@@ -66,30 +67,6 @@ def test_k3_kl_zero_at_reference_positive_elsewhere():
     # padding is ignored
     lp, m = stage3_rl.pad([[-1.0, -2.0], [-1.0]])
     assert m.tolist() == [[True, True], [True, False]]
-
-
-# ---- fixtures: a tiny synthetic run folder with a scorer ---------------------------------------
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny") / "run"
-    data_prep.main(["--run-dir", str(root), "--dataset", "synthetic", "--n-users", "60",
-                    "--n-items", "40", "--n-interactions", "1500", "--history-len", "4",
-                    "--max-samples", "train=12", "--max-samples", "valid=8",
-                    "--max-samples", "test=8"])
-    bundle = llm.LLM("tiny", "float32")
-    bundle.attach({"scorer": None})
-    torch.manual_seed(0)
-    with torch.no_grad():  # a scorer with non-trivial outputs (fresh LoRA has B=0)
-        for n, p in bundle.model.named_parameters():
-            if "lora_B.scorer" in n:
-                p.normal_(0, 0.5)
-    bundle.save_adapter("scorer", RunPaths(root).scorer)
-    return root
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +144,10 @@ def test_rollouts_deterministic_and_label_free(tiny_run, tmp_path):
     a = copy_run(tiny_run, tmp_path / "a")
     b = copy_run(tiny_run, tmp_path / "b")
     flip = copy_run(tiny_run, tmp_path / "flip")
-    rows = common.read_jsonl(RunPaths(flip).split("train"))
+    rows = common.read_jsonl(RunPaths(flip).split("rl"))  # rollouts read the RL prompts
     for r in rows:
         r["label"] = 1 - r["label"]
-    common.write_jsonl(RunPaths(flip).split("train"), rows)
+    common.write_jsonl(RunPaths(flip).split("rl"), rows)
     for d in (a, b, flip):
         stage2_reward.main(["--run-dir", str(d), "--iter", "1", *ROLL])
     ra, rb, rf = (common.read_jsonl(RunPaths(d).rollouts(1)) for d in (a, b, flip))

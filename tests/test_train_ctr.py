@@ -51,7 +51,10 @@ def test_train_and_round_trip(run, model):
     m = common.read_json(out / "metrics.json")
     assert m["model"] == model and m["text_emb"] is None and m["init_from"] is None
     for split in ("valid", "test"):
-        assert set(m[split]) == {"auc", "logloss", "gauc", "n"} and 0.3 < m[split]["auc"] <= 1
+        assert set(m[split]) == {"auc", "logloss", "gauc", "n"} and m[split]["auc"] <= 1
+    # every model learns the planted signal after 2 epochs: mean valid/test AUC >= 0.56 (measured
+    # 0.57-0.61; the oracle reaches 0.87; chance is 0.50 +- 0.02 at n = 186 per split)
+    assert (m["valid"]["auc"] + m["test"]["auc"]) / 2 >= 0.56, (m["valid"], m["test"])
     p = train_ctr.load_checkpoint(out)
     assert p.model_name == model and p.text_dim == 0
     test = common.load_split(common.RunPaths(run), "test")
@@ -80,8 +83,7 @@ def test_text_emb_and_warm_start(run, model):
     emb = np.load(run / "emb_test.npy")
     feats = train_ctr.featurize(test, id_pred.vocab)
     aug0 = train_ctr.predict_net(net, feats, torch.from_numpy(emb), 512)
-    if model != "deepfm":  # DeepFM's FM term sees the text field from the start
-        np.testing.assert_allclose(aug0, id_pred.predict(test), atol=1e-5)
+    np.testing.assert_allclose(aug0, id_pred.predict(test), atol=1e-6)  # DeepFM's FM term too
     # trained Aug model round-trips, with text from .npy or from .jsonl
     train(run, "--model", model, "--out-name", f"{model}_aug", "--text-emb",
           str(run / "emb_{split}.npy"), "--init-from", run / "ctr" / model, *FAST)

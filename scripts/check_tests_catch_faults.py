@@ -1,0 +1,71 @@
+"""Do the tests catch the faults they name? Each entry plants one fault (a code change) in a
+copy of the tree and runs the tests that must then fail; prints one line per fault. Not part of
+the suite (about 3 minutes); run it after changing a test or the code it guards:
+
+    python scripts/check_tests_catch_faults.py [FAULT ...]
+
+Each fault is (name, file, exact old text, new text, tests that must fail); an old text that no
+longer occurs stops the script, so the list cannot silently drift from the code."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SRC = str(Path(__file__).resolve().parents[1])
+FAULTS = [
+ ("merged_bf16_generation", "stage2_reward.py", "    with bundle.use(adapter):\n        for b, idx in enumerate(tqdm(batches",
+  "    import contextlib\n    from peft.tuners.lora import LoraLayer\n    @contextlib.contextmanager\n    def merged():\n        if adapter is None:\n            with bundle.use(None):\n                yield\n            return\n        bundle.model.set_adapter(adapter)\n        layers = [m for m in bundle.model.modules() if isinstance(m, LoraLayer)]\n        saved = [m.get_base_layer().weight.data.clone() for m in layers]\n        with torch.no_grad():\n            bundle.model.merge_adapter([adapter])\n        try:\n            yield\n        finally:\n            with torch.no_grad():\n                for m, w in zip(layers, saved):\n                    m.get_base_layer().weight.data.copy_(w)\n                    m.merged_adapters.clear()\n    with merged():\n        for b, idx in enumerate(tqdm(batches",
+  "tests/test_rl_loop.py::test_bf16_sampling_path_logprobs_equal_the_trained_forward tests/test_rl_loop.py::test_bf16_greedy_text_is_the_unmerged_policy_argmax"),
+ ("logp_ignores_temperature", "stage2_reward.py", "[completion_ids[i] for i in idx], temperature=temperature)", "[completion_ids[i] for i in idx])",
+  "tests/test_rl_loop.py::test_sampled_token_frequencies_match_stored_logprobs"),
+ ("logp_ignores_suppression", "llm.py", "                b[self.suppress] = float(\"-inf\")", "                pass",
+  "tests/test_rl_loop.py::test_sampled_token_frequencies_match_stored_logprobs"),
+ ("logp_rounded", "stage2_reward.py", "out[i] = lps[j].float().cpu().tolist()", "out[i] = [round(x, 6) for x in lps[j].float().cpu().tolist()]",
+  "tests/test_rl_loop.py::test_rollouts_store_float32_logprobs_of_the_sampler"),
+ ("rollouts_from_train", "stage2_reward.py", "scorer, rl = reward_inputs(args, paths, \"rl\")", "scorer, rl = reward_inputs(args, paths, \"train\")",
+  "tests/test_rl_loop.py::test_rollout_prompts_come_from_rl_only"),
+ ("no_partition", "data_prep.py", "    splits.update(carve_prompt_splits(splits[\"train\"], args.rl_frac, args.probe_frac, args.seed))",
+  "    splits.update(rl=list(splits['train']), probe=list(splits['train']))",
+  "tests/test_rl_loop.py::test_rl_and_probe_prompts_are_never_reward_model_training_samples"),
+ ("probe_seed_per_tag", "stage2_reward.py", "res = sample_and_score(bundle, actor, samples, items, args, args.seed * SEED_STRIDE,",
+  "res = sample_and_score(bundle, actor, samples, items, args, args.seed * SEED_STRIDE + len(tag),",
+  "tests/test_rl_loop.py::test_probe_same_prompts_for_every_policy_and_a_curve_with_cis"),
+ ("k3_reversed", "stage3_rl.py", "    d = logp_ref - logp\n", "    d = logp - logp_ref\n", "tests/test_rl_loop.py::test_k3_kl_hand_computed_direction"),
+ ("padding_not_masked", "stage3_rl.py", "    logp = torch.where(keep, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))\n    logp_old = torch.where(keep, logp_old, logp.detach())\n    logp_ref = torch.where(keep, logp_ref, logp.detach())\n", "",
+  "tests/test_rl_loop.py::test_ppo_loss_ignores_whatever_padded_slots_hold"),
+ ("dropout_on", "stage3_rl.py", "    bundle.model.eval()  # [ours] no LoRA dropout", "    bundle.model.train()  # [ours] no LoRA dropout",
+  "tests/test_rl_loop.py::test_first_ppo_step_ratio_is_one_at_a_later_iteration_with_dropout"),
+ ("adamw_default_decay", "stage3_rl.py", "opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)", "opt = torch.optim.AdamW(params, lr=args.lr)",
+  "tests/test_rl_loop.py::test_ppo_without_signal_leaves_the_policy_unchanged"),
+ ("force_deletes_first", "common.py", "            aside = tmp / f\"{path.name}.old\"\n            os.replace(path, aside)\n", "            aside = tmp / f\"{path.name}.old\"\n            shutil.rmtree(path); os.makedirs(aside)\n",
+  "tests/test_rl_loop.py::test_force_replacing_a_folder_never_leaves_neither"),
+ ("ppo_rows_averaged", "evaluate.py", "            last[int(r[\"iter\"])] = r\n", "            last[int(r[\"iter\"])] = dict(r, kl=(r['kl'] + last[int(r['iter'])]['kl']) / 2) if int(r['iter']) in last else r\n",
+  "tests/test_rl_loop.py::test_rerun_rows_are_not_double_counted"),
+ ("patience_gt", "common.py", "        return self.bad >= self.patience", "        return self.bad > self.patience",
+  "tests/test_rl_loop.py::test_early_stopping_means_the_same_in_every_stage"),
+ ("warm_start_text_random", "train_ctr.py", "        own[\"text_proj.1.weight\"].zero_()\n        own[\"text_proj.1.bias\"].zero_()\n", "        pass\n",
+  "tests/test_train_ctr.py::test_text_emb_and_warm_start"),
+ ("ctr_labels_shuffled", "train_ctr.py", "    y = torch.tensor([s[\"label\"] for s in data[\"train\"]], dtype=torch.float32)",
+  "    y = torch.tensor([s[\"label\"] for s in data[\"train\"]], dtype=torch.float32)[torch.randperm(len(data['train']))]",
+  "tests/test_train_ctr.py::test_train_and_round_trip"),
+]
+only = sys.argv[1:]
+bad = 0
+for name, f, old, new, tests in FAULTS:
+    if only and name not in only:
+        continue
+    d = tempfile.mkdtemp(prefix=f"fault_{name}_")
+    shutil.rmtree(d)
+    shutil.copytree(SRC, d, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__"))
+    s = open(f"{d}/{f}").read()
+    assert old in s, (name, old[:50])
+    open(f"{d}/{f}", "w").write(s.replace(old, new))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests.split()],
+                       cwd=d, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=d))
+    last = [l for l in r.stdout.splitlines() if l.strip()][-1]
+    print(f"{name:28s} {'caught' if r.returncode else 'NOT CAUGHT'} | {last[:100]}", flush=True)
+    bad += r.returncode == 0
+    shutil.rmtree(d, ignore_errors=True)
+sys.exit(1 if bad else 0)

@@ -1,0 +1,329 @@
+"""The RL loop is correct: the policy that samples is the policy whose log-probs PPO stores and
+trains (bf16 included), those log-probs are of the distribution actually sampled, rewards are
+computed on prompts no reward model trained on, the learning curve compares like with like, and
+the PPO pieces fail when their math is wrong. Tiny random model, synthetic data, CPU."""
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import data_prep
+import evaluate
+import llm
+import stage2_reward
+import stage3_rl
+from common import RunPaths
+from conftest import copy_run
+
+ROLL = ["--model", "tiny", "--dtype", "float32", "--max-new-tokens", "6", "--prompts-per-iter", "3",
+        "--k-samples", "2", "--gen-batch", "4", "--fwd-batch", "4"]
+PPO = ["--model", "tiny", "--dtype", "float32", "--minibatch", "3", "--ppo-epochs", "1"]
+
+
+def prompts_of(bundle, n):
+    base = {"uid": "1", "label": 0, "ts": 0, "hist": [["2", 1], ["3", 0], ["5", 1]]}
+    return [bundle.explainer_ids(common.build_prompt(dict(base, iid=str(i)), {})) for i in range(n)]
+
+
+def set_lora_b(bundle, name, std, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in bundle.model.named_parameters():
+            if f"lora_B.{name}" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+# ---- 1. the generating policy is the trained policy, in bf16 too ---------------------------------
+@pytest.fixture(scope="module")
+def bf16_bundle():
+    """bf16 base weights + an explainer LoRA with B of std 3e-3: an update of ~1e-3 per weight,
+    below half a bf16 ulp of most weights (merging it into the bf16 weights would lose most of it)
+    but moving the log-probs by ~0.07 nats per token on average."""
+    b = llm.LLM("tiny", "bfloat16")
+    b.attach({"explainer": None})
+    set_lora_b(b, "explainer", 3e-3)
+    return b
+
+
+def test_bf16_sampling_path_logprobs_equal_the_trained_forward(bf16_bundle):
+    b = bf16_bundle
+    prompts = prompts_of(b, 16)
+    args = argparse.Namespace(gen_batch=8, temperature=0.8, max_new_tokens=12, save_every=100)
+    torch.manual_seed(0)
+    comps, gen_lp = stage2_reward.generate_all(b, "explainer", prompts, args, False, "t")
+    with torch.no_grad(), b.use("explainer"):
+        full = b.completion_logprobs(prompts, comps, temperature=0.8)  # what PPO computes
+    with torch.no_grad(), b.use(None):
+        ref = b.completion_logprobs(prompts, comps, temperature=0.8)
+    gap = torch.cat([(g - f).abs() for g, f in zip(gen_lp, full)])
+    effect = torch.cat([(f - r).abs() for f, r in zip(full, ref)])
+    assert effect.mean() > 0.04  # the adapter matters ...
+    # ... and generation samples from exactly that policy, up to bf16 rounding of the KV-cached
+    # forward (measured: mean 0.010, max 0.03; a LoRA merged into bf16 weights: 0.05 / 0.28)
+    assert gap.mean() < 0.025 and gap.max() < 0.12, (gap.mean(), gap.max())
+
+
+def test_bf16_greedy_text_is_the_unmerged_policy_argmax(bf16_bundle):
+    """Every token of greedy generation is an argmax of the unmerged adapter's full forward pass
+    (within bf16 noise), i.e. greedy text equals greedy decoding with the unmerged adapter."""
+    b = bf16_bundle
+    set_lora_b(b, "explainer", 3e-2, seed=2)  # a stronger adapter: greedy text moves off the base
+    try:
+        prompts = prompts_of(b, 8)
+        args = argparse.Namespace(gen_batch=8, temperature=1.0, max_new_tokens=10, save_every=100)
+        comps = stage2_reward.generate_all(b, "explainer", prompts, args, True, "t")
+        head = b.base.get_output_embeddings()
+        worst = 0.0
+        with torch.no_grad():
+            with b.use(None):
+                base_comps = b.generate(prompts, greedy=True, max_new_tokens=10)
+            with b.use("explainer"):
+                for p, c in zip(prompts, comps):
+                    h, _, _ = b.hidden([p + c])
+                    z = h[0, len(p) - 1:len(p) + len(c) - 1].float() @ head.weight.float().T
+                    lp = torch.log_softmax(z + b.policy_bias(), -1)
+                    chosen = lp[torch.arange(len(c)), torch.tensor(c)]
+                    worst = max(worst, float((lp.max(-1).values - chosen).max()))
+        differs_from_base = sum(x != y for x, y in zip(comps, base_comps))
+        assert differs_from_base >= 2  # the adapter changes greedy text
+        assert worst < 0.1, worst      # and greedy follows the unmerged adapter's argmax
+    finally:
+        set_lora_b(b, "explainer", 3e-3)
+
+
+def test_llm_has_no_merged_generation_path():
+    assert not hasattr(llm.LLM, "merged")
+
+
+# ---- 2. stored log-probs are of the distribution that sampled -------------------------------------
+def test_sampled_token_frequencies_match_stored_logprobs():
+    """Many one-token samples at temperature 0.7 with special tokens suppressed: the empirical
+    frequency of each token matches exp(log-prob as stage2_reward stores it) within sampling error."""
+    b = llm.LLM("tiny", "float32")
+    b.attach({"explainer": None})
+    set_lora_b(b, "explainer", 0.2)
+    prompt = prompts_of(b, 1)[0]
+    T, n, batch = 0.7, 6000, 1000
+    args = argparse.Namespace(gen_batch=batch, temperature=T, max_new_tokens=1, save_every=10**6)
+    torch.manual_seed(0)
+    comps, _ = stage2_reward.generate_all(b, "explainer", [prompt] * n, args, False, "t")
+    counts = np.bincount([c[0] for c in comps], minlength=len(b.tok))
+    V = b.base.get_output_embeddings().weight.shape[0]
+    every = [[t] for t in range(V)]
+    stored = stage2_reward.token_logprobs(b, "explainer", [prompt] * V, every, 256, T)
+    p = np.exp([x[0] for x in stored])
+    assert abs(p.sum() - 1) < 1e-4
+    assert np.all(p[b.suppress] == 0) and counts[b.suppress].sum() == 0
+    big = p * n >= 20
+    z = (counts[big] - n * p[big]) / np.sqrt(n * p[big] * (1 - p[big]))
+    assert np.abs(z).max() < 4.5, np.abs(z).max()
+    assert 0.5 * np.abs(counts / n - p).sum() < 0.06  # total variation, sampling noise ~0.03
+
+
+def test_rollouts_store_float32_logprobs_of_the_sampler(tiny_run, tmp_path):
+    d = copy_run(tiny_run, tmp_path / "r")
+    stage2_reward.main(["--run-dir", str(d), "--iter", "1", *ROLL, "--temperature", "0.7"])
+    rows = common.read_jsonl(RunPaths(d).rollouts(1))
+    vals = [x for r in rows for x in r["logp_old"]]
+    assert all(np.float32(x) == x for x in vals)  # float32 values, unrounded
+    assert any(round(x, 6) != x for x in vals)
+    assert {r["temperature"] for r in rows} == {0.7} and {r["phase"] for r in rows} == {"lc"}
+    gap = [m for m in common.read_jsonl(RunPaths(d).metrics) if m.get("iter") == 1][-1]
+    assert gap["behaviour_gap"] < 1e-4  # generation-time log-probs == stored logp_old (fp32)
+
+
+# ---- 3. rewards on prompts no reward model trained on ---------------------------------------------
+def test_rl_and_probe_prompts_are_never_reward_model_training_samples(tmp_path):
+    full, sub = tmp_path / "full", tmp_path / "sub"
+    world = ["--dataset", "synthetic", "--n-users", "60", "--n-items", "40", "--n-interactions", "1500",
+             "--history-len", "4"]
+    data_prep.main(["--run-dir", str(full), *world])
+    data_prep.main(["--run-dir", str(sub), *world, "--max-samples", "train=12", "--max-samples",
+                    "rl=8", "--max-samples", "probe=3"])
+    key = lambda run, s: {(r["uid"], r["iid"]) for r in common.load_split(RunPaths(run), s)}
+    train_full, train_sub = key(full, "train"), key(sub, "train")
+    for run in (full, sub):
+        rl, probe = key(run, "rl"), key(run, "probe")
+        assert rl and probe
+        # neither the subset's reward models nor the full-data ID models (the quick preset's
+        # id_ctr and ExpCTR-Aug warm start) train on an RL or probe prompt
+        assert not (rl | probe) & train_full and not (rl | probe) & train_sub and not rl & probe
+    assert key(sub, "rl") <= key(full, "rl") and key(sub, "probe") <= key(full, "probe")
+    part = common.read_json(RunPaths(sub).meta)["prompt_partition"]
+    assert part["rl_frac"] == 0.1 and part["probe_frac"] == 0.02 and part["seed"] == 0
+
+
+def test_rollout_prompts_come_from_rl_only(tiny_run, tmp_path):
+    d = copy_run(tiny_run, tmp_path / "r")
+    P = RunPaths(d)
+    train = {(r["uid"], r["iid"]) for r in common.load_split(P, "train")}
+    rl = {(r["uid"], r["iid"]) for r in common.load_split(P, "rl")}
+    seen = set()
+    for k in (1, 2):
+        if k == 2:
+            stage3_rl.main(["--run-dir", str(d), "--iter", "1", *PPO])
+        stage2_reward.main(["--run-dir", str(d), "--iter", str(k), *ROLL])
+        got = {(r["uid"], r["iid"]) for r in common.read_jsonl(P.rollouts(k))}
+        assert got <= rl and not got & train
+        assert not got & seen  # fresh prompts each iteration while rl lasts
+        seen |= got
+    idx = [stage2_reward.iteration_prompts(8, 3, k, 0) for k in (1, 2, 3, 4)]
+    assert sorted(np.concatenate(idx[:2]).tolist()) == sorted(set(np.concatenate(idx[:2]).tolist()))
+    assert all(len(i) == 3 for i in idx)
+
+
+# ---- 4. the reward probe: like with like ---------------------------------------------------------
+def test_probe_same_prompts_for_every_policy_and_a_curve_with_cis(tiny_run, tmp_path):
+    d = copy_run(tiny_run, tmp_path / "r")
+    P = RunPaths(d)
+    stage2_reward.main(["--run-dir", str(d), "--probe", "base", *ROLL])
+    for k, lr in ((1, "0"), (2, "0.05")):  # iter_1 = the base policy (lr 0), iter_2 moves
+        stage2_reward.main(["--run-dir", str(d), "--iter", str(k), *ROLL])
+        stage3_rl.main(["--run-dir", str(d), "--iter", str(k), *PPO, "--lr", lr])
+        stage2_reward.main(["--run-dir", str(d), "--probe", f"iter_{k}", *ROLL])
+    a, a1, b = (common.read_jsonl(P.probe(t)) for t in ("base", "iter_1", "iter_2"))
+    probe = common.load_split(P, "probe")
+    assert len(a) == len(probe) * 2 == len(b)
+    assert [(r["uid"], r["iid"], r["group"]) for r in a] == [(r["uid"], r["iid"], r["group"]) for r in b]
+    # the same sampling seed for every policy: a policy equal to the base samples the same text
+    assert [r["explanation"] for r in a1] == [r["explanation"] for r in a]
+    assert all(r["kl_ref"] == 0 for r in a) and any(r["kl_ref"] != 0 for r in b)
+    again = copy_run(d, tmp_path / "again")  # same seed -> identical probe
+    stage2_reward.main(["--run-dir", str(again), "--probe", "base", *ROLL, "--force"])
+    assert common.read_jsonl(RunPaths(again).probe("base")) == a
+    args = argparse.Namespace(n_boot=200, seed=0)
+    rows, const, notes = evaluate.probe_curve(P, common.load_split(P, "train"), args)
+    assert [r["tag"] for r in rows] == ["base", "iter_1", "iter_2"] and not notes
+    for r, f in zip(rows, (a, a1, b)):
+        assert r["r_lc_ci"][0] <= r["r_lc"] <= r["r_lc_ci"][1]
+        assert r["r_lc"] == pytest.approx(np.mean([x["r_lc"] for x in f]))
+    assert rows[2]["delta"] == pytest.approx(rows[2]["r_lc"] - rows[0]["r_lc"])
+    prior = np.mean([s["label"] for s in common.load_split(P, "train")])
+    y = np.array([x["label"] for x in a])
+    assert const["r_lc"] == pytest.approx(np.mean(y * math.log(prior) + (1 - y) * math.log(1 - prior)))
+
+
+# ---- 5. PPO pieces that fail when wrong ----------------------------------------------------------
+def test_k3_kl_hand_computed_direction():
+    """KL(pi || ref) estimated on samples of pi, k3 = r - log r - 1 with r = pi_ref / pi:
+    pi = 0.5, pi_ref = 0.25 gives 0.5 - log 0.5 - 1 = 0.19315 (reversed d would give 0.30685)."""
+    v = stage3_rl.k3_kl(torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.25])))
+    assert v.item() == pytest.approx(0.5 - math.log(0.5) - 1, abs=1e-6)
+
+
+def test_ppo_loss_ignores_whatever_padded_slots_hold():
+    torch.manual_seed(0)
+    logp = (-torch.rand(2, 4)).requires_grad_(True)
+    old, ref = -torch.rand(2, 4), -torch.rand(2, 4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -0.5])
+    clean, _ = stage3_rl.ppo_loss(logp, old, ref, adv, mask, kl_beta=0.1)
+    clean.backward()
+    g_clean = logp.grad.clone()
+    for garbage in (float("nan"), float("inf"), 1e4):
+        lp = logp.detach().clone()
+        lp[~mask] = garbage
+        lp.requires_grad_(True)
+        o, r = old.clone(), ref.clone()
+        o[~mask], r[~mask] = garbage, -garbage
+        loss, st = stage3_rl.ppo_loss(lp, o, r, adv, mask, kl_beta=0.1)
+        loss.backward()
+        assert torch.equal(loss, clean) and torch.equal(lp.grad, g_clean), garbage
+        assert all(math.isfinite(v) for v in st.values())
+
+
+def test_first_ppo_step_ratio_is_one_at_a_later_iteration_with_dropout(tiny_run, tmp_path):
+    """Iteration 2 loads policy/iter_1, whose adapter config has LoRA dropout 0.05: the logged
+    ratio of the first minibatch (before any update) is 1 within fp32 rounding."""
+    d = copy_run(tiny_run, tmp_path / "r")
+    P = RunPaths(d)
+    for k in (1, 2):
+        stage2_reward.main(["--run-dir", str(d), "--iter", str(k), *ROLL])
+        stage3_rl.main(["--run-dir", str(d), "--iter", str(k), *PPO, "--lr", "0.05"])
+    assert common.read_json(P.policy(1) / "adapter_config.json")["lora_dropout"] == 0.05
+    rows = [m for m in common.read_jsonl(P.metrics) if m["stage"] == "stage3_rl"]
+    assert [r["iter"] for r in rows] == [1, 2]
+    r2 = common.read_jsonl(P.rollouts(2))
+    assert any(r["logp_old"] != r["logp_ref"] for r in r2)  # iter_1 moved away from the base
+    for r in rows:
+        assert r["ratio_first_step"] == pytest.approx(1.0, abs=1e-6)
+        assert r["ratio_first_step_max_dev"] < 1e-5
+
+
+def test_ppo_without_signal_leaves_the_policy_unchanged(tiny_run, tmp_path):
+    """Equal rewards (zero advantage) and no KL term: the adapter must not move (the default
+    weight decay of AdamW would shrink LoRA A toward 0)."""
+    from safetensors.torch import load_file
+    d = copy_run(tiny_run, tmp_path / "r")
+    P = RunPaths(d)
+    stage2_reward.main(["--run-dir", str(d), "--iter", "1", *ROLL])
+    rows = common.read_jsonl(P.rollouts(1))
+    common.write_jsonl(P.rollouts(1), [dict(r, reward=-0.5) for r in rows])
+    stage3_rl.main(["--run-dir", str(d), "--iter", "1", *PPO, "--kl-beta", "0", "--lr", "0.1"])
+    b = llm.LLM("tiny", "float32")
+    torch.manual_seed(0 + 1)  # stage3_rl seeds the fresh LoRA with seed + k
+    b.attach({"explainer": None})
+    fresh = {n.replace(".explainer", ""): p.detach() for n, p in b.model.named_parameters()
+             if "lora_" in n}
+    saved = load_file(P.policy(1) / "adapter_model.safetensors")
+    assert saved.keys() == fresh.keys()
+    for k, v in saved.items():
+        assert torch.equal(v, fresh[k]), k
+    assert [m for m in common.read_jsonl(P.metrics) if m["stage"] == "stage3_rl"][-1]["weight_decay"] == 0
+
+
+# ---- 6. smaller faults ---------------------------------------------------------------------------
+def test_force_replacing_a_folder_never_leaves_neither(tmp_path, monkeypatch):
+    import os
+    out = tmp_path / "policy"
+    with common.atomic_path(out) as t:
+        t.mkdir()
+        (t / "w").write_text("old")
+    real = os.replace
+
+    def failing(src, dst):
+        if str(src).endswith("/policy") and str(dst) == str(out):
+            raise KeyboardInterrupt("killed between the two renames")
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(KeyboardInterrupt):
+        with common.atomic_path(out) as t:
+            t.mkdir()
+            (t / "w").write_text("new")
+    assert (out / "w").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["policy"]  # no temp folder left either
+
+
+def test_rerun_rows_are_not_double_counted(tmp_path):
+    P = RunPaths(tmp_path)
+    for it, kl in ((1, 0.5), (2, 0.7), (1, 0.1)):  # iteration 1 was re-run with --force
+        common.log_metrics(P.metrics, "stage3_rl", iter=it, phase="lc", reward=-kl, r_lc=-kl,
+                           r_ic=None, kl=kl, ratio_first_step=1.0)
+    assert [(r["iter"], r["kl"]) for r in evaluate.ppo_curve(P)] == [(1, 0.1), (2, 0.7)]
+    with open(tmp_path / "timings.jsonl", "w") as f:
+        for step, sec in (("a", 1), ("b", 2), ("a", 3)):
+            f.write(f'{{"step": "{step}", "seconds": {sec}}}\n')
+    assert evaluate.step_timings(P) == [{"step": "b", "seconds": 2}, {"step": "a", "seconds": 3}]
+
+
+def test_early_stopping_means_the_same_in_every_stage(tiny_run, tmp_path, monkeypatch):
+    """patience N = stop after N epochs in a row without a better valid AUC, in stage1_sft and
+    train_ctr alike: with a valid AUC that never improves, patience 1 runs exactly 2 epochs."""
+    import stage1_sft
+    import train_ctr
+    d = copy_run(tiny_run, tmp_path / "r")
+    stage2_reward.main(["--run-dir", str(d), "--split", "train,valid", "--tag", "base", *ROLL[:4],
+                        "--max-new-tokens", "3"])
+    import shutil
+    shutil.rmtree(RunPaths(d).scorer)
+    monkeypatch.setattr(stage1_sft, "auc", lambda y, p: 0.6)
+    stage1_sft.main(["--run-dir", str(d), "--model", "tiny", "--dtype", "float32", "--epochs", "5",
+                     "--patience", "1", "--batch-size", "6"])
+    assert common.read_json(RunPaths(d).scorer / "metrics.json")["epochs_run"] == 2
+    real = train_ctr.evaluate_predictions
+    monkeypatch.setattr(train_ctr, "evaluate_predictions", lambda y, p, u: dict(real(y, p, u), auc=0.6))
+    train_ctr.main(["--run-dir", str(d), "--model", "din", "--epochs", "5", "--patience", "1"])
+    assert common.read_json(RunPaths(d).ctr("din") / "metrics.json")["epochs_run"] == 2

@@ -18,7 +18,7 @@ from common import ExpCTRError
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["popularity", "id_ctr", "id_ctr_deepfm", "id_ctr_dcnv2", "id_ctr_din", "logreg",
-            "llm_ctr", "posthoc", "expctr_llm", "expctr_aug"]
+            "llm_ctr", "posthoc", "expctr_llm", "expctr_aug", "expctr_aug_final"]
 EXPL_KEYS = ["shuffle_auc_drop", "probe_auc", "stance_agreement", "stance_clear", "grounding",
              "hallucination", "distinct_1", "distinct_2", "usr", "mean_words", "cause_recall"]
 
@@ -336,10 +336,20 @@ def test_smoke_run_metrics_have_every_key(smoke_run_dir):
     m = json.loads(f.read_text())
     for v in VARIANTS:
         assert set(m["ctr"][v]) >= {"auc", "auc_ci", "logloss", "gauc", "n"}, v
-    for v in ("popularity", "id_ctr", "llm_ctr", "posthoc", "expctr_llm", "expctr_aug"):
+    for v in ("popularity", "id_ctr", "llm_ctr", "posthoc", "expctr_llm", "expctr_aug",
+              "expctr_aug_final"):
         assert m["ctr"][v]["auc"] is not None, f"{v}: {m['ctr'][v].get('produce')}"
-    for pair in ("expctr_llm_vs_posthoc", "expctr_aug_vs_id_ctr"):
+    for pair in ("expctr_llm_vs_posthoc", "expctr_aug_vs_id_ctr", "expctr_aug_final_vs_id_ctr"):
         assert m["significance"][pair]["p_value"] is not None
+    # the reward probe: one row per policy (base and every PPO iteration), a CI each, a constant
+    info = json.loads((Path(smoke_run_dir) / "run.json").read_text())
+    n_iter = int(info["final_tag"].split("_")[1])
+    assert [r["tag"] for r in m["probe"]] == ["base"] + [f"iter_{k}" for k in range(1, n_iter + 1)]
+    for r in m["probe"]:
+        assert r["r_lc_ci"][0] <= r["r_lc"] <= r["r_lc_ci"][1] and r["n"] == r["n_prompts"] * 4
+    assert m["probe_constant"]["r_lc"] < 0 and not m["probe_notes"]
+    assert [r["iter"] for r in m["ppo"]] == list(range(1, n_iter + 1))
+    assert all(abs(r["ratio_first_step"] - 1) < 1e-5 for r in m["ppo"])
     for src in ("base", "aligned"):
         assert set(m["explanations"][src]) >= set(EXPL_KEYS), src
         assert m["explanations"][src]["status"] == "ok"

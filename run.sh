@@ -7,7 +7,7 @@
 #   smoke  tiny random model, synthetic world, a few samples; every stage in ~1-2 min -> DIR/smoke/
 #   quick  (default) ID-CTR benchmark on FULL MovieLens-100K -> DIR/ml100k-ctr/ (popularity,
 #          logreg, deepfm, dcnv2, din), then the LLM pipeline with SmolLM2-135M-Instruct on a seeded
-#          MovieLens-100K subset -> DIR/quick/; ~90 min on a 2-core AVX2 CPU (fp32)
+#          MovieLens-100K subset -> DIR/quick/; ~109 min on a 2-core AVX2 CPU (fp32)
 #   paper  one GPU: larger splits and iteration counts, bf16 -> DIR/paper/
 #
 # The schedule (docs/PAPER_NOTES.md §5; file layout in common.py); every line is a command a reader can type,

@@ -64,6 +64,9 @@ def parse_args(argv=None):
                    "aside as RL prompts (data/rl.jsonl), never trained on by a reward model [ours]")
     p.add_argument("--probe-frac", type=float, default=0.02, help="share of the training period set "
                    "aside as reward-probe prompts (data/probe.jsonl), never trained on [ours]")
+    p.add_argument("--prompt-style", choices=common.PROMPT_STYLES, default="items",
+                   help="how LLM prompts show the history: items (title; year; genres, the paper's) "
+                        "or genres (liked/disliked genre counts, ~2x shorter) [ours]")
     p.add_argument("--seed", type=int, default=0, help="seed for subsets and synthetic data")
     p.add_argument("--force", action="store_true", help="rebuild even if data/ exists")
     g = p.add_argument_group("synthetic planted world")
@@ -79,6 +82,12 @@ def parse_args(argv=None):
                    help="synthetic: std of a persona's mild tastes on the other genres")
     g.add_argument("--n-personas", type=int, default=8,
                    help="synthetic: number of taste personas users are drawn from")
+    g.add_argument("--n-genres", type=int, default=len(GENRES),
+                   help=f"synthetic: genres in the world (the first N of {len(GENRES)}; fewer = "
+                   "more history items share the target's genres)")
+    g.add_argument("--no-item-years", dest="item_years", action="store_false",
+                   help="synthetic: leave release years out of the catalogue (they carry no signal "
+                   "in this world; ~40 fewer prompt tokens)")
     return p.parse_args(argv)
 
 
@@ -374,7 +383,9 @@ def make_synthetic(args):
     known logistic model: logit = bias + sum_{g in item} taste[u, g] + quality[i].
     `cause` = the item genre with the largest |taste| contribution. [ours] everything here."""
     rng = np.random.default_rng(args.seed)
-    G, U, I = len(GENRES), args.n_users, args.n_items
+    G, U, I = args.n_genres, args.n_users, args.n_items
+    if not 4 <= G <= len(GENRES):
+        raise ExpCTRError(f"--n-genres {G}: expected 4..{len(GENRES)} (a persona has 4 strong tastes)")
     items, titles = {}, set()
     quality = rng.normal(0, 0.5, I)
     item_g = []
@@ -388,6 +399,8 @@ def make_synthetic(args):
         item_g.append(gs)
         items[str(i + 1)] = {"iid": str(i + 1), "title": title,
                              "genres": [GENRES[g] for g in gs], "year": str(rng.integers(1960, 2021))}
+        if not args.item_years:
+            del items[str(i + 1)]["year"]
     # [ours] tastes are low-rank: each user follows one of a few personas (4 strong likes or
     # dislikes each, on top of mild tastes) plus a personal deviation, so that the planted
     # signal can be learned from tens of interactions per user.
@@ -508,7 +521,8 @@ LOADERS = {"ml-100k": load_ml100k, "ml-1m": load_ml1m, "ml-20m": load_ml20m,
 def canonical_args(args) -> dict:
     d = {k: v for k, v in vars(args).items() if k not in ("force", "run_dir")}
     if args.dataset != "synthetic":
-        for k in ("n_users", "n_items", "n_interactions", "taste_scale", "n_personas", "exposure_bias", "mild_taste"):
+        for k in ("n_users", "n_items", "n_interactions", "taste_scale", "n_personas",
+                  "exposure_bias", "mild_taste", "n_genres", "item_years"):
             d.pop(k)
     return d
 

@@ -342,8 +342,52 @@ class Grounder:
         cause = sample.get("cause")
         return {"target": any(k == target and ok(k) for _, _, k in spans),
                 "history": any(k in hist and ok(k) for _, _, k in spans),
-                "genre": bool(named & genres), "halluc": halluc,
+                "genre": bool(named & genres), "halluc": halluc, "named_genres": named,
                 "cause": bool(free(PhraseIndex(genre_keys(cause)))) if cause else None}
+
+
+def cause_choice(test, items, texts: dict, args) -> dict:
+    """[ours] Does an explanation pick the planted cause among the target's genres? On test
+    targets with >= 2 genres (a real choice): hit = names the cause and no other genre of the
+    target; wrong = names a genre of the target that is not the cause. Rows: base, aligned and two
+    prompt-echo baselines (restating all target genres: hit 0 by construction; restating the
+    first listed one: ~1/2 of targets), with 95% bootstrap CIs and paired differences of aligned
+    to base and to the best echo on the same resampled targets (p one-sided, H1: aligned higher)."""
+    g = Grounder(items, args.min_title_chars, args.min_ground_chars)
+    idx = [i for i, s in enumerate(test) if s.get("cause") and
+           len((items.get(s["iid"]) or {}).get("genres", [])) >= 2]
+    if not idx:
+        return {}
+    echo = lambda gs: lambda s: (f"{items[s['iid']]['title']} is a {' and '.join(gs(items[s['iid']]['genres']))}"
+                                 " film.")
+    sources = {"echo_all_genres": echo(lambda gs: gs), "echo_first_genre": echo(lambda gs: gs[:1])}
+    out, hits = {"n": len(idx)}, {}
+    for name in ("base", "aligned", *sources):
+        if name in sources:
+            txt = {i: sources[name](test[i]) for i in idx}
+        elif texts.get(name) and all(i in texts[name] for i in idx):
+            txt = texts[name]
+        else:
+            continue
+        h, w = [], []
+        for i in idx:
+            named = g.check(test[i], txt[i])["named_genres"]
+            gs, c = set(items[test[i]["iid"]]["genres"]), test[i]["cause"]
+            h.append(c in named and not (named & gs) - {c})
+            w.append(bool(named & (gs - {c})))
+        hits[name] = np.array(h, float)
+        out[name] = {"cause_hit": float(np.mean(h)), "wrong_genre": float(np.mean(w))}
+    rng = np.random.default_rng([args.seed, 2])
+    B = rng.integers(0, len(idx), size=(args.n_boot, len(idx)))
+    for name, v in hits.items():
+        out[name]["cause_hit_ci"] = percentile_ci(v[B].mean(1))
+    best_echo = max((k for k in sources if k in hits), key=lambda k: hits[k].mean())
+    for other in ("base", best_echo):
+        if "aligned" in hits and other in hits:
+            d = (hits["aligned"] - hits[other])[B].mean(1)
+            out[f"aligned_minus_{other}"] = {"delta": float((hits["aligned"] - hits[other]).mean()),
+                                             "ci": percentile_ci(d), "p_value": float(np.mean(d <= 0))}
+    return out
 
 
 def probe_auc(train_texts, train_y, test_texts, test_y) -> float:
@@ -392,8 +436,20 @@ def read_preds(path: Path, test, cols=("p",)) -> dict:
             if c == "p" and not (isinstance(v, (int, float)) and 0 <= v <= 1):
                 raise ExpCTRError(f"{path}: row {i + 1}: field 'p' should be a probability in "
                                   f"[0, 1], got {v!r}")
-            if pos[i] >= 0 and isinstance(v, (int, float)) and math.isfinite(v):
+            if c == "p_shuffled" and isinstance(v, list):  # one value per permutation
+                if not isinstance(out[c], list):
+                    out[c] = [np.full(len(test), np.nan) for _ in v]
+                if len(v) != len(out[c]):
+                    raise ExpCTRError(f"{path}: row {i + 1}: field 'p_shuffled' has {len(v)} "
+                                      f"values, earlier rows {len(out[c])}")
+                for j, x in enumerate(v):
+                    if pos[i] >= 0 and isinstance(x, (int, float)) and math.isfinite(x):
+                        out[c][j][pos[i]] = x
+            elif pos[i] >= 0 and isinstance(v, (int, float)) and math.isfinite(v):
                 out[c][pos[i]] = v
+    for c in cols:  # p_shuffled: [S, n] (S permutations; an old file's single value gives S=1)
+        if c == "p_shuffled":
+            out[c] = np.array(out[c] if isinstance(out[c], list) else [out[c]])
     out["n_extra"] = int((pos < 0).sum())
     return out
 
@@ -515,9 +571,26 @@ def ctr_table(paths, test, train, spec, args):
     return out, sig, mask, P, y, notes
 
 
+def shuffle_drop(y, p, p_sh, n_boot: int, seed: int) -> dict:
+    """Faithfulness: scorer AUC minus its mean AUC over S permutations of the explanations across
+    samples (p_sh [S, n]). CI: paired bootstrap over samples, and in each replicate the S
+    permutations are redrawn with replacement, so the spread across permutations is in the CI;
+    p = one-sided share of replicates with a drop <= 0."""
+    S = len(p_sh)
+    b = bootstrap_aucs(y, {"p": p, **{f"s{j}": p_sh[j] for j in range(S)}}, n_boot, seed)
+    pick = np.random.default_rng([seed, 1]).integers(0, S, size=(n_boot, S))
+    sh = np.stack([b[f"s{j}"] for j in range(S)], 1)  # [B, S]
+    boot = b["p"] - np.take_along_axis(sh, pick, 1).mean(1)
+    a, a_sh = auc(y, p), float(np.mean([auc(y, x) for x in p_sh]))
+    return {"auc_with_expl": a, "auc_shuffled": a_sh, "shuffle_auc_drop": a - a_sh,
+            "shuffle_auc_drop_ci": percentile_ci(boot), "n_shuffles": S,
+            "shuffle_auc_drop_p": float(np.mean(boot[np.isfinite(boot)] <= 0))}
+
+
 def explanation_table(paths, R, test, valid, items, tag, args):
     """Explanation-quality metrics of one explainer tag (None = not produced yet)."""
     keys = ["n", "auc_with_expl", "auc_shuffled", "shuffle_auc_drop", "shuffle_auc_drop_ci",
+            "shuffle_auc_drop_p", "n_shuffles",
             "probe_auc", "stance_agreement", "stance_agreement_clear", "stance_clear",
             "stance_label_agreement", "grounding", "grounding_target", "grounding_history",
             "grounding_genre", "hallucination", "distinct_1", "distinct_2", "usr", "mean_words",
@@ -548,13 +621,10 @@ def explanation_table(paths, R, test, valid, items, tag, args):
     if sp.exists():
         sc = read_preds(sp, test, cols=("p", "p_shuffled"))
         pred = sc["p"]
-        m = np.isfinite(sc["p"]) & np.isfinite(sc["p_shuffled"])
+        m = np.isfinite(sc["p"]) & np.isfinite(sc["p_shuffled"]).all(0)
         yy = np.array([s["label"] for s in test])[m]
         if m.any():
-            b = bootstrap_aucs(yy, {"p": sc["p"][m], "s": sc["p_shuffled"][m]}, args.n_boot, args.seed)
-            res.update(auc_with_expl=auc(yy, sc["p"][m]), auc_shuffled=auc(yy, sc["p_shuffled"][m]),
-                       shuffle_auc_drop_ci=percentile_ci(b["p"] - b["s"]))
-            res["shuffle_auc_drop"] = res["auc_with_expl"] - res["auc_shuffled"]
+            res.update(shuffle_drop(yy, sc["p"][m], sc["p_shuffled"][:, m], args.n_boot, args.seed))
         else:
             res["notes"].append(f"{sp.name} has no p_shuffled values")
     else:
@@ -816,6 +886,20 @@ def report_md(m, examples, plots, plot_note, ppo) -> str:
           f"catches titles of data/items.jsonl of >= {m['min_title_chars']} characters (shorter ones "
           "such as 'Heat' are ordinary words), never invented titles",
           "- stance rules [ours]:"] + [f"  - {r}" for r in STANCE_RULES]
+    cc = m.get("cause_choice") or {}
+    if cc:
+        L += ["", f"**Cause choice** (synthetic; {cc['n']} test targets with >= 2 genres): hit = names "
+              "the planted cause and no other genre of the target; wrong = names a target genre that "
+              "is not the cause; the echo rows are prompt-echo baselines (restate the target's genres).",
+              "", "| explanations | cause hit [95% CI] | names a wrong genre |", "|---|---|---|"]
+        for k in ("base", "aligned", "echo_all_genres", "echo_first_genre"):
+            if k in cc:
+                L.append(f"| {k} | {fmt(cc[k]['cause_hit'])} [{fmt(cc[k]['cause_hit_ci'][0])}, "
+                         f"{fmt(cc[k]['cause_hit_ci'][1])}] | {fmt(cc[k]['wrong_genre'])} |")
+        for k, d in cc.items():
+            if k.startswith("aligned_minus_"):
+                L.append(f"- {k}: Δ {fmt(d['delta'])} [{fmt(d['ci'][0])}, {fmt(d['ci'][1])}], "
+                         f"p = {fmt(d['p_value'])} (paired bootstrap, one-sided)")
     L += ["", "## 3. Plots", ""]
     L += [f"![{p}]({p})" for p in plots] or [f"Plots skipped: {plot_note}."]
     L += ["", "**Reward probe** (the learning curve): mean r_LC of each policy on the same held-out "
@@ -916,6 +1000,7 @@ def main(argv=None):
         expl[src], texts[src] = explanation_table(paths, R, test, valid, items, tag, args)
     ppo = ppo_curve(paths)
     probe, probe_const, probe_notes = probe_curve(paths, train, args)
+    cause = cause_choice(test, items, texts, args) if items else {}
 
     m = {"run_name": paths.root.resolve().name, "run_dir": R,
          "dataset": meta.get("dataset") or run_info.get("dataset") or "unknown",
@@ -925,6 +1010,7 @@ def main(argv=None):
          "min_title_chars": args.min_title_chars, "oracle_test_auc": meta.get("oracle_test_auc"),
          "ctr": ctr, "significance": sig, "explanations": expl, "ppo": ppo, "probe": probe,
          "probe_constant": probe_const, "probe_notes": probe_notes, "timings": step_timings(paths),
+         "cause_choice": cause,
          "notes": notes}
     paths.eval.mkdir(parents=True, exist_ok=True)
     shown = {k: P[k] for k in table_rows(ctr, main_bb) if k in P}  # id_ctr once

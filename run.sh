@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # ExpCTR end to end: data -> ID-CTR models -> scorer -> PPO (LC) -> ExpCTR-Aug -> PPO (IC) -> eval.
 #
-#   ./run.sh [--preset smoke|quick|paper] [--runs-dir DIR] [--rounds N]
+#   ./run.sh [--preset smoke|quick|planted|paper] [--runs-dir DIR] [--rounds N]
 #
 # Presets (all sizes are [ours]):
 #   smoke  tiny random model, synthetic world, a few samples; every stage in ~1-2 min -> DIR/smoke/
 #   quick  (default) ID-CTR benchmark on FULL MovieLens-100K -> DIR/ml100k-ctr/ (popularity,
 #          logreg, deepfm, dcnv2, din), then the LLM pipeline with SmolLM2-135M-Instruct on a seeded
 #          MovieLens-100K subset -> DIR/quick/; ~109 min on a 2-core AVX2 CPU (fp32)
+#   planted  the mechanism on the synthetic planted world (known click causes): ID-CTR models on
+#          its full data -> DIR/planted-ctr/, the LLM pipeline on subsets -> DIR/planted/
+#          (docs/results-planted.md is one such run)
 #   paper  one GPU: larger splits and iteration counts, bf16 -> DIR/paper/
 #
 # The schedule (docs/PAPER_NOTES.md §5; file layout in common.py); every line is a command a reader can type,
@@ -43,7 +46,7 @@ while [ $# -gt 0 ]; do
     --preset) PRESET="$2"; shift 2 ;;
     --runs-dir) RUNS_DIR="$2"; shift 2 ;;
     --rounds) ROUNDS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see ./run.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -56,13 +59,14 @@ case "$PRESET" in
   smoke)
     R="$RUNS_DIR/smoke"; MODEL=tiny
     DATA=(--dataset synthetic --n-users 120 --n-items 80 --n-interactions 4000 --history-len 5
+          --n-genres 8 --no-item-years --prompt-style genres
           --max-samples train=48 --max-samples valid=24 --max-samples test=24
           --max-samples rl=12 --max-samples probe=4)
     CTR_MODELS=(popularity din); ID_BENCH=0
     LLM=(--dtype float32)
     GEN=(--max-new-tokens 12 --gen-batch 16 --fwd-batch 16)
     ROLL=(--prompts-per-iter 4 --k-samples 4 --temperature 1.0)
-    SFT=(--epochs 1 --lr 1e-3 --batch-size 8)
+    SFT=(--epochs 1 --lr 1e-3 --batch-size 8 --lora-targets all --lora-layers 1)
     PPO=(--ppo-epochs 1 --minibatch 8 --lr 1e-4 --kl-beta 0.05)
     N1=2; N3=1; LAMBDA=0.5; PRED_SPLITS=valid,test ;;
   quick)
@@ -75,6 +79,7 @@ case "$PRESET" in
     DATA=(--dataset ml-100k --max-samples train=384 --max-samples valid=128 --max-samples test=256
           --max-samples rl=64 --max-samples probe=24)
     CTR_MODELS=(popularity logreg deepfm dcnv2 din); ID_BENCH=1
+    BENCH=ml100k-ctr; BENCH_DATA=(--dataset ml-100k)
     LLM=(--dtype auto)   # [ours] bf16 where the CPU has native bf16, else fp32 (3-5x faster there)
     GEN=(--max-new-tokens 32 --gen-batch 16 --fwd-batch 16)
     ROLL=(--prompts-per-iter 8 --k-samples 4 --temperature 1.0)
@@ -83,19 +88,36 @@ case "$PRESET" in
     # [ours] scorer predictions on test only (evaluate.py reads test; the scorer's valid AUC is in
     # scorer/metrics.json): on a 2-core AVX2 CPU each 128 valid samples x 5 passes cost ~6 min
     N1=2; N3=1; LAMBDA=0.5; PRED_SPLITS=test ;;
+  planted)
+    # the mechanism on a world whose click causes are known (docs/results-planted.md): 8 genres,
+    # clicks from genre tastes, 30 history items; prompts show the history as liked/disliked
+    # genre counts [ours]; settings chosen on valid (README: "The planted world")
+    R="$RUNS_DIR/planted"; MODEL=smollm2-135m
+    WORLD=(--dataset synthetic --n-genres 8 --history-len 30 --no-item-years)
+    DATA=("${WORLD[@]}" --prompt-style genres --max-samples train=384 --max-samples valid=128
+          --max-samples test=256 --max-samples rl=256 --max-samples probe=32)
+    CTR_MODELS=(popularity logreg din); ID_BENCH=1
+    BENCH=planted-ctr; BENCH_DATA=("${WORLD[@]}")
+    LLM=(--dtype auto)
+    GEN=(--max-new-tokens 24 --gen-batch 16 --fwd-batch 16)
+    ROLL=(--prompts-per-iter 16 --k-samples 4 --temperature 1.0)
+    SFT=(--epochs 2 --lr 5e-4 --batch-size 16 --lora-targets all --lora-layers 10 --patience 1)
+    PPO=(--ppo-epochs 2 --minibatch 16 --lr 2e-4 --kl-beta 0.02)
+    N1=2; N3=1; LAMBDA=0.5; PRED_SPLITS=test ;;
   paper)
     R="$RUNS_DIR/paper"; MODEL=smollm2-135m
     DATA=(--dataset ml-100k --history-len 10
           --max-samples train=8000 --max-samples valid=1000 --max-samples test=2000
           --max-samples rl=4000 --max-samples probe=128)
     CTR_MODELS=(popularity logreg deepfm dcnv2 din); ID_BENCH=1
+    BENCH=ml100k-ctr; BENCH_DATA=(--dataset ml-100k)
     LLM=(--dtype bfloat16)
     GEN=(--max-new-tokens 40 --gen-batch 128 --fwd-batch 64)
     ROLL=(--prompts-per-iter 128 --k-samples 4 --temperature 1.0)
     SFT=(--epochs 3 --lr 1e-4 --batch-size 16)
     PPO=(--ppo-epochs 2 --minibatch 32 --lr 5e-5 --kl-beta 0.05)
     N1=20; N3=10; LAMBDA=0.5; PRED_SPLITS=valid,test ;;
-  *) echo "error: --preset must be smoke, quick or paper" >&2; exit 2 ;;
+  *) echo "error: --preset must be smoke, quick, planted or paper" >&2; exit 2 ;;
 esac
 
 # ---- plumbing: timed steps -------------------------------------------------------------------
@@ -124,16 +146,16 @@ EOF
 
 # ---- 0. ID-CTR benchmark on full MovieLens-100K (quick preset) --------------------------------
 if [ "$ID_BENCH" = 1 ]; then
-  B="$RUNS_DIR/ml100k-ctr"
-  R="$B" step "bench data_prep" "$PY" data_prep.py --run-dir "$B" --dataset ml-100k
-  for m in popularity logreg deepfm dcnv2 din; do
+  B="$RUNS_DIR/$BENCH"
+  R="$B" step "bench data_prep" "$PY" data_prep.py --run-dir "$B" "${BENCH_DATA[@]}"
+  for m in "${CTR_MODELS[@]}"; do
     R="$B" step "bench train_ctr $m" "$PY" train_ctr.py --run-dir "$B" --model "$m"
   done
-  "$PY" - "$B" <<'EOF'
+  "$PY" - "$B" "${CTR_MODELS[@]}" <<'EOF'
 import sys, common
 B = sys.argv[1]
-print(f"\nID-CTR benchmark, full MovieLens-100K ({B}):\n| model | test AUC | test LogLoss | train s |\n|---|---|---|---|")
-for m in ["popularity", "logreg", "deepfm", "dcnv2", "din"]:
+print(f"\nID-CTR benchmark, full data ({B}):\n| model | test AUC | test LogLoss | train s |\n|---|---|---|---|")
+for m in sys.argv[2:]:
     d = common.read_json(f"{B}/ctr/{m}/metrics.json")
     print(f"| {m} | {d['test']['auc']:.4f} | {d['test']['logloss']:.4f} | {d['train_seconds']:.1f} |")
 print()
@@ -148,7 +170,7 @@ step "data_prep" "$PY" data_prep.py --run-dir "$R" "${DATA[@]}"
 for m in "${CTR_MODELS[@]}"; do
   if [ "$ID_BENCH" = 1 ]; then  # score the full-data model on this run's splits, no training
     step "train_ctr $m (full-data model)" "$PY" train_ctr.py --run-dir "$R" --model "$m" \
-         --epochs 0 --init-from "$RUNS_DIR/ml100k-ctr/ctr/$m"
+         --epochs 0 --init-from "$RUNS_DIR/$BENCH/ctr/$m"
   else
     step "train_ctr $m" "$PY" train_ctr.py --run-dir "$R" --model "$m"
   fi

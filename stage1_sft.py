@@ -2,7 +2,7 @@
 
 Paper part: "Explanation and LLM-CTR Alignment" needs an LLM that predicts the click from the
 prompt and an explanation. [ours] The scorer is the base LLM with its own LoRA adapter `scorer`,
-trained on common.build_scorer_prompt(prompt, explanation) -> " Yes" / " No";
+trained on common.build_scorer_prompt(prompt, explanation, target) -> " Yes" / " No";
 p(click) = softmax over the Yes/No logits at the answer position (the kernel's log-softmax over
 the two lm_head rows). Explanation dropout (default 0.3 [ours]) trains it to also predict with no
 explanation, which gives the LLM-CTR-without-explanation baseline from the same adapter.
@@ -15,8 +15,9 @@ Train mode (default):
   Early stopping on valid AUC with explanations; the best epoch's adapter is kept.
 Predict mode (--predict TAGS --split SPLITS), step 8 of the schedule in run.sh:
   writes R/scorer/preds_<split>_<tag>.jsonl rows {uid, iid, label, p, p_shuffled}
-  (tag none = no explanation, p_shuffled null; otherwise p_shuffled = p when the explanations are
-  permuted across the split's samples with a fixed seed).
+  (tag none = no explanation, p_shuffled null; otherwise p_shuffled = [p under each of --shuffles
+  seeded permutations of the explanations across the split's samples]). All variants of a prompt
+  share its forward pass (prefix KV reuse).
 
     python stage1_sft.py --run-dir runs/x
     python stage1_sft.py --run-dir runs/x --predict none,base,iter_3 --split valid,test
@@ -47,6 +48,15 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (TALLRec: 1e-4)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--batch-size", type=int, default=8, help="training sequences per step")
+    p.add_argument("--lora-r", type=int, default=llm.LORA_R, help="scorer LoRA rank (alpha = 2r)")
+    p.add_argument("--lora-targets", default=",".join(llm.LORA_TARGETS),
+                   help=f"comma-separated projections the scorer's LoRA adapts; 'all' = "
+                        f"{','.join(llm.ALL_PROJ)} (TALLRec: q_proj,v_proj)")
+    p.add_argument("--lora-layers", type=int, default=0,
+                   help="LoRA in the top N decoder layers only (0 = all) [ours]: backward stops "
+                        "there, so a step costs ~1 forward + N/L_total backward")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing: less memory, ~1 more forward of compute")
     p.add_argument("--expl-dropout", type=float, default=0.3,
                    help="probability of training an example without its explanation [ours]")
     p.add_argument("--max-train", type=int, default=None, help="use only the first N train rows")
@@ -57,7 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--predict", default=None, help="predict mode: comma-separated tags "
                    "(none = no explanation, base, iter_k)")
     p.add_argument("--split", default="valid,test", help="predict mode: comma-separated splits")
-    p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the explanation permutation")
+    p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the explanation permutations")
+    p.add_argument("--shuffles", type=int, default=5, help="predict mode: permutations of the "
+                   "explanations across the split's samples (the faithfulness baseline)")
     p.add_argument("--force", action="store_true", help="redo even if the output exists")
     return p.parse_args(argv)
 
@@ -70,18 +82,18 @@ def scorer_loss(answer_logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return -answer_logp.gather(1, idx[:, None]).squeeze(1).mean()
 
 
-@torch.inference_mode()
-def predict_p(bundle: llm.LLM, prompts: list[str], expls: list[str | None], batch: int,
-              desc: str = "score") -> np.ndarray:
-    """p(click) = exp(log p(Yes)) for each (prompt, explanation); explanation None = no text."""
-    seqs = [bundle.scorer_ids(p, e) for p, e in zip(prompts, expls)]
-    out = np.zeros(len(seqs))
+def predict_p(bundle: llm.LLM, prompts: list[str], variants: list[list[str | None]],
+              batch: int, targets: list[str] | None = None) -> np.ndarray:
+    """p(click) = exp(log p(Yes)) of each prompt under each variant of explanations ([v][i]:
+    variant v's explanation of prompt i, None = no text) -> [n_variants, n]; targets[i] = the
+    target as the question names it (common.target_text). All variants of a prompt share its
+    forward pass (prefix KV reuse, llm.answer_logprobs_grouped)."""
+    targets = targets or [None] * len(prompts)
+    seqs = [bundle.scorer_ids(p, v[i], targets[i]) for i, p in enumerate(prompts) for v in variants]
+    keys = [i for i in range(len(prompts)) for _ in variants]
     with bundle.use("scorer"):
-        for idx in tqdm(llm.length_batches([len(s) for s in seqs], batch), desc=desc, unit=" batch",
-                        leave=False):
-            lp = bundle.answer_logprobs([seqs[i] for i in idx]).float()
-            out[idx] = lp[:, 0].exp().cpu().numpy()
-    return out
+        lp = bundle.answer_logprobs_grouped(seqs, keys, batch)
+    return lp[:, 0].exp().numpy().astype(np.float64).reshape(len(prompts), len(variants)).T
 
 
 def auc(labels, p) -> float | None:
@@ -112,7 +124,7 @@ def train(args, paths: RunPaths, model: str):
                               f"use --force or a fresh run folder")
         print(f"[stage1] {paths.scorer} exists, skipped")
         return
-    items = common.load_items(paths)
+    items, style = common.load_items(paths), common.prompt_style(paths)
     tr_rows = common.load_split(paths, "train")
     va_rows = common.load_split(paths, "valid")
     tr_ex = load_explanations(paths, args.expl_tag, "train", tr_rows)
@@ -121,19 +133,23 @@ def train(args, paths: RunPaths, model: str):
         tr_rows, tr_ex = tr_rows[:args.max_train], tr_ex[:args.max_train]
     common.set_seed(args.seed)
     bundle = llm.LLM(model, args.dtype, args.device, args.threads)
-    bundle.attach({"scorer": None})
+    targets = llm.ALL_PROJ if args.lora_targets == "all" else tuple(args.lora_targets.split(","))
+    bundle.attach({"scorer": None}, r=args.lora_r, targets=targets, top_layers=args.lora_layers)
+    bundle.activation_checkpointing(args.grad_checkpoint)
     params = bundle.trainable("scorer")
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    tr_prompts = [common.build_prompt(r, items) for r in tr_rows]
-    va_prompts = [common.build_prompt(r, items) for r in va_rows]
+    tr_prompts = [common.build_prompt(r, items, style) for r in tr_rows]
+    va_prompts = [common.build_prompt(r, items, style) for r in va_rows]
+    tr_targets = [common.target_text(r, items) for r in tr_rows]
+    va_targets = [common.target_text(r, items) for r in va_rows]
     va_labels = [r["label"] for r in va_rows]
     rng = np.random.default_rng(args.seed)
 
     def evaluate():
         bundle.model.eval()
-        with_e = predict_p(bundle, va_prompts, [e["explanation"] for e in va_ex], args.eval_batch,
-                           "valid+expl")
-        no_e = predict_p(bundle, va_prompts, [None] * len(va_rows), args.eval_batch, "valid-expl")
+        with_e, no_e = predict_p(bundle, va_prompts, [[e["explanation"] for e in va_ex],
+                                                      [None] * len(va_rows)], args.eval_batch,
+                                 va_targets)
         return auc(va_labels, with_e), auc(va_labels, no_e)
 
     stopper, best_state, history = common.EarlyStopping(args.patience), None, []
@@ -146,8 +162,8 @@ def train(args, paths: RunPaths, model: str):
         bar = tqdm(range(0, len(order), args.batch_size), desc=f"sft epoch {epoch}", unit=" step")
         for s in bar:
             idx = order[s:s + args.batch_size]
-            seqs = [bundle.scorer_ids(tr_prompts[i], None if drop[i] else tr_ex[i]["explanation"])
-                    for i in idx]
+            seqs = [bundle.scorer_ids(tr_prompts[i], None if drop[i] else tr_ex[i]["explanation"],
+                                      tr_targets[i]) for i in idx]
             labels = torch.tensor([tr_rows[i]["label"] for i in idx], device=bundle.device)
             with bundle.use("scorer"):
                 loss = scorer_loss(bundle.answer_logprobs(seqs), labels)
@@ -183,6 +199,7 @@ def train(args, paths: RunPaths, model: str):
                "valid_auc_no_expl": best_row["valid_auc_no_expl"], "best_epoch": best_row["epoch"],
                "epochs_run": len(history), "n_train": len(tr_rows), "n_valid": len(va_rows),
                "expl_tag": args.expl_tag, "expl_dropout": args.expl_dropout, "lr": args.lr,
+               "lora": {"r": args.lora_r, "targets": list(targets), "top_layers": args.lora_layers},
                "model": model, "history": history}
     bundle.save_adapter("scorer", paths.scorer, files={"metrics.json": metrics}, expl_tag=args.expl_tag)
     print(f"[stage1] scorer -> {paths.scorer} (best epoch {best_row['epoch']})")
@@ -197,29 +214,48 @@ def predict(args, paths: RunPaths, model: str):
         print("[stage1] all predictions exist, skipped")
         return
     paths.require(paths.scorer / "adapter_config.json", f"python stage1_sft.py --run-dir {paths.root}")
-    items = common.load_items(paths)
+    items, style = common.load_items(paths), common.prompt_style(paths)
     bundle = llm.LLM(model, args.dtype, args.device, args.threads)
     bundle.attach({"scorer": paths.scorer})
-    for split, tag in todo:
+    for split in splits:
+        tags_s = [t for s, t in todo if s == split]
+        if not tags_s:
+            continue
         rows = common.load_split(paths, split)
-        prompts = [common.build_prompt(r, items) for r in rows]
+        prompts = [common.build_prompt(r, items, style) for r in rows]
         labels = [r["label"] for r in rows]
-        t0 = time.time()
-        if tag == "none":
-            p, p_sh = predict_p(bundle, prompts, [None] * len(rows), args.eval_batch, f"{split}/none"), None
-        else:
+        # ---- every variant of a prompt in one grouped pass: per tag the explanations and
+        # --shuffles permutations of them (the faithfulness baseline), or no text for "none"
+        variants, owner = [], []
+        for tag in tags_s:
+            if tag == "none":
+                variants.append([None] * len(rows))
+                owner.append((tag, None))
+                continue
             expls = [e["explanation"] for e in load_explanations(paths, tag, split, rows)]
-            perm = np.random.default_rng(args.shuffle_seed).permutation(len(rows))
-            p = predict_p(bundle, prompts, expls, args.eval_batch, f"{split}/{tag}")
-            p_sh = predict_p(bundle, prompts, [expls[j] for j in perm], args.eval_batch,
-                             f"{split}/{tag} shuffled")
-        common.write_jsonl(out(split, tag), (
-            {"uid": r["uid"], "iid": r["iid"], "label": r["label"], "p": float(p[i]),
-             "p_shuffled": None if p_sh is None else float(p_sh[i])} for i, r in enumerate(rows)))
-        a, a_sh = auc(labels, p), (auc(labels, p_sh) if p_sh is not None else None)
-        common.log_metrics(paths.metrics, "stage1_sft", mode="predict", split=split, tag=tag,
-                           auc=a, auc_shuffled=a_sh, n=len(rows), seconds=round(time.time() - t0, 1))
-        print(f"[stage1] preds_{split}_{tag}: AUC {a}" + (f", shuffled {a_sh}" if p_sh is not None else ""))
+            variants.append(expls)
+            owner.append((tag, None))
+            for j in range(args.shuffles):
+                perm = np.random.default_rng([args.shuffle_seed, j]).permutation(len(rows))
+                variants.append([expls[q] for q in perm])
+                owner.append((tag, j))
+        t0 = time.time()
+        P = predict_p(bundle, prompts, variants, args.eval_batch,
+                      [common.target_text(r, items) for r in rows])
+        for tag in tags_s:
+            p = P[owner.index((tag, None))]
+            p_sh = [P[v] for v, (t, j) in enumerate(owner) if t == tag and j is not None]
+            common.write_jsonl(out(split, tag), (
+                {"uid": r["uid"], "iid": r["iid"], "label": r["label"], "p": float(p[i]),
+                 "p_shuffled": [float(x[i]) for x in p_sh] if p_sh else None}
+                for i, r in enumerate(rows)))
+            a = auc(labels, p)
+            a_sh = float(np.mean([auc(labels, x) for x in p_sh])) if p_sh and a is not None else None
+            common.log_metrics(paths.metrics, "stage1_sft", mode="predict", split=split, tag=tag,
+                               auc=a, auc_shuffled_mean=a_sh, n_shuffles=len(p_sh), n=len(rows),
+                               seconds=round((time.time() - t0) / len(tags_s), 1))
+            print(f"[stage1] preds_{split}_{tag}: AUC {a}" +
+                  (f", shuffled (mean of {len(p_sh)}) {a_sh}" if p_sh else ""))
 
 
 def main(argv=None):

@@ -107,16 +107,15 @@ def label_logprob(p_click: np.ndarray, labels: np.ndarray, eps: float = 1e-6) ->
 
 @torch.inference_mode()
 def lc_reward(bundle: llm.LLM, prompts: list[str], expls: list[str], labels: list[int],
-              batch: int) -> np.ndarray:
-    """r_LC = log p_scorer(true label | prompt, explanation), scorer adapter active."""
-    seqs = [bundle.scorer_ids(p, e) for p, e in zip(prompts, expls)]
-    out = np.zeros(len(seqs), np.float64)
+              batch: int, targets: list[str] | None = None) -> np.ndarray:
+    """r_LC = log p_scorer(true label | prompt, explanation), scorer adapter active (targets: the
+    target as the scorer's question names it). The K explanations of a prompt share its forward
+    pass (prefix KV reuse, llm.answer_logprobs_grouped)."""
+    targets = targets or [None] * len(prompts)
+    seqs = [bundle.scorer_ids(p, e, t) for p, e, t in zip(prompts, expls, targets)]
     with bundle.use("scorer"):
-        for idx in llm.length_batches([len(s) for s in seqs], batch):
-            lp = bundle.answer_logprobs([seqs[i] for i in idx]).float().cpu().numpy()
-            for j, i in enumerate(idx):
-                out[i] = lp[j, 0] if labels[i] == 1 else lp[j, 1]
-    return out
+        lp = bundle.answer_logprobs_grouped(seqs, prompts, batch).numpy().astype(np.float64)
+    return np.where(np.asarray(labels) == 1, lp[:, 0], lp[:, 1])
 
 
 def ic_reward(aug_dir: str, samples: list[dict], emb: np.ndarray) -> np.ndarray:
@@ -131,19 +130,13 @@ def ic_reward(aug_dir: str, samples: list[dict], emb: np.ndarray) -> np.ndarray:
     return label_logprob(p, np.array([s["label"] for s in samples]))
 
 
-@torch.inference_mode()
 def token_logprobs(bundle, adapter, prompt_ids, completion_ids, batch, temperature) -> list[list[float]]:
     """Per-token log-probs of each completion under `adapter` (None = the reference), of the
-    sampling distribution at `temperature`; float32 values, stored unrounded."""
-    out = [None] * len(prompt_ids)
+    sampling distribution at `temperature`; float32 values, stored unrounded. The K samples of a
+    prompt share its forward pass (prefix KV reuse, llm.completion_logprobs_grouped)."""
     with bundle.use(adapter):
-        for idx in llm.length_batches([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)],
-                                      batch):
-            lps = bundle.completion_logprobs([prompt_ids[i] for i in idx],
-                                             [completion_ids[i] for i in idx], temperature=temperature)
-            for j, i in enumerate(idx):
-                out[i] = lps[j].float().cpu().tolist()
-    return out
+        lps = bundle.completion_logprobs_grouped(prompt_ids, completion_ids, batch, temperature)
+    return [x.tolist() for x in lps]
 
 
 def iteration_prompts(n: int, per_iter: int, k: int, seed: int) -> np.ndarray:
@@ -184,11 +177,11 @@ def generate_all(bundle, adapter, prompt_ids, args, greedy, desc, on_batch=None,
     return comps if greedy else (comps, [gen_lp[i] for i in range(len(prompt_ids))])
 
 
-def sample_and_score(bundle, actor, samples, items, args, seed, desc):
+def sample_and_score(bundle, actor, samples, items, args, seed, desc, style="items"):
     """K samples per prompt from `actor` (None = base), their rewards and log-probs; one dict of
     per-sample lists. `behaviour_gap` = max |log-prob as generation computed it - logp_old|: the
     sampling policy and the stored one are the same distribution up to float rounding."""
-    prompts = [common.build_prompt(s, items) for s in samples]
+    prompts = [common.build_prompt(s, items, style) for s in samples]
     prompt_ids = [bundle.explainer_ids(p) for p in prompts]
     torch.manual_seed(seed)
     t0 = time.time()
@@ -197,18 +190,25 @@ def sample_and_score(bundle, actor, samples, items, args, seed, desc):
     expls = [bundle.decode(c) for c in comps]
     labels = [s["label"] for s in samples]
     t1 = time.time()
-    r_lc = lc_reward(bundle, prompts, expls, labels, args.fwd_batch)
+    r_lc = lc_reward(bundle, prompts, expls, labels, args.fwd_batch,
+                     [common.target_text(s, items) for s in samples])
+    t2 = time.time()
     r_ic = None
     if args.aug:
         r_ic = ic_reward(args.aug, samples, llm.make_embedder(bundle, args.encoder, args.fwd_batch)(expls))
     reward = r_lc + (args.lambda_ic * r_ic if r_ic is not None else 0.0)
+    t3 = time.time()
     logp_old = token_logprobs(bundle, actor, prompt_ids, comps, args.fwd_batch, args.temperature)
+    t4 = time.time()
     logp_ref = logp_old if actor is None else token_logprobs(
         bundle, None, prompt_ids, comps, args.fwd_batch, args.temperature)
+    t5 = time.time()
     gaps = [float((g - torch.tensor(o)).abs().max()) for g, o in zip(gen_lp, logp_old) if len(o)]
     return {"prompts": prompts, "prompt_ids": prompt_ids, "comps": comps, "expls": expls,
             "r_lc": r_lc, "r_ic": r_ic, "reward": reward, "logp_old": logp_old,
-            "logp_ref": logp_ref, "gen_s": gen_s, "score_s": time.time() - t1,
+            "logp_ref": logp_ref, "gen_s": gen_s, "score_s": t5 - t1,
+            "timings": {"generate": gen_s, "r_lc": t2 - t1, "r_ic": t3 - t2, "logp_old": t4 - t3,
+                        "logp_ref": t5 - t4},
             "behaviour_gap": max(gaps) if gaps else 0.0}
 
 
@@ -242,13 +242,13 @@ def explanations_mode(args, paths: RunPaths, model: str):
         if meta.get("model") != model or meta.get("encoder") != args.encoder:
             raise ExpCTRError(f"{meta_path}: made with --model {meta.get('model')} --encoder "
                               f"{meta.get('encoder')}, not {model} / {args.encoder}; use --force")
-    items = common.load_items(paths)
+    items, style = common.load_items(paths), common.prompt_style(paths)
     bundle = llm.LLM(model, args.dtype, args.device, args.threads)
     adapter = attach_policy(bundle, paths, args.tag)
     embedder = llm.make_embedder(bundle, args.encoder, args.fwd_batch)
     for split in todo:
         rows = common.load_split(paths, split)
-        prompts = [common.build_prompt(r, items) for r in rows]
+        prompts = [common.build_prompt(r, items, style) for r in rows]
         prompt_ids = [bundle.explainer_ids(p) for p in prompts]
         part = paths.root / "explanations" / args.tag / f".{split}.partial.jsonl"
         done = {}
@@ -321,7 +321,7 @@ def rollout_mode(args, paths: RunPaths, model: str):
     if k < 1:
         raise ExpCTRError(f"--iter {k}: iterations start at 1")
     scorer, rl = reward_inputs(args, paths, "rl")
-    items = common.load_items(paths)
+    items, style = common.load_items(paths), common.prompt_style(paths)
     policy = common.policy_tag(k - 1)
     # ---- algorithm: the prompts of iteration k, K samples each, from the current explainer ----
     pick = iteration_prompts(len(rl), args.prompts_per_iter, k, args.seed)
@@ -330,7 +330,7 @@ def rollout_mode(args, paths: RunPaths, model: str):
     bundle = llm.LLM(model, args.dtype, args.device, args.threads)
     actor = attach_policy(bundle, paths, policy, scorer)
     res = sample_and_score(bundle, actor, samples, items, args, args.seed * SEED_STRIDE + k,
-                           f"rollouts iter {k}")
+                           f"rollouts iter {k}", style)
     phase = "ic" if args.lambda_ic > 0 else "lc"
     common.write_jsonl(out, (
         {"uid": s["uid"], "iid": s["iid"], "label": s["label"], "prompt": res["prompts"][i],
@@ -348,7 +348,8 @@ def rollout_mode(args, paths: RunPaths, model: str):
         r_lc=float(np.mean(res["r_lc"])), r_ic=None if r_ic is None else float(np.mean(r_ic)),
         expl_len=float(np.mean([len(c) for c in res["comps"]])),
         behaviour_gap=res["behaviour_gap"], expl_per_s=round(len(samples) / res["gen_s"], 3),
-        gen_s=round(res["gen_s"], 1), score_s=round(res["score_s"], 1))
+        gen_s=round(res["gen_s"], 1), score_s=round(res["score_s"], 1),
+        seconds={k_: round(v, 2) for k_, v in res["timings"].items()})
     print(f"[stage2] iter {k}: {len(samples)} rollouts, reward {row['reward']:.4f} "
           f"(r_lc {row['r_lc']:.4f}), {row['expl_per_s']} expl/s, behaviour gap "
           f"{row['behaviour_gap']:.2e}; e.g. {res['expls'][0]!r}")
@@ -360,13 +361,13 @@ def probe_mode(args, paths: RunPaths, model: str):
     if not args.force and check_existing(out, model):
         return
     scorer, probe = reward_inputs(args, paths, "probe")
-    items = common.load_items(paths)
+    items, style = common.load_items(paths), common.prompt_style(paths)
     samples = [s for s in probe for _ in range(args.k_samples)]
     bundle = llm.LLM(model, args.dtype, args.device, args.threads)
     actor = attach_policy(bundle, paths, tag, scorer)
     # ---- algorithm: the same prompts, K and seed for every policy (like with like) ----
     res = sample_and_score(bundle, actor, samples, items, args, args.seed * SEED_STRIDE,
-                           f"probe {tag}")
+                           f"probe {tag}", style)
     kl = [float(np.sum(np.subtract(o, r), dtype=np.float64)) for o, r in
           zip(res["logp_old"], res["logp_ref"])]
     common.write_jsonl(out, (

@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the LoRA "
                    "[ours: 0; a decay pulls the policy toward the reference besides the KL term]")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing: less memory, ~1 more forward of compute")
     p.add_argument("--no-adv-norm", action="store_true", help="do not divide advantages by their std")
     p.add_argument("--force", action="store_true", help="redo even if policy/iter_k exists")
     return p.parse_args(argv)
@@ -166,6 +168,7 @@ def main(argv=None):
     bundle.attach({"explainer": llm.policy_folder(paths, common.policy_tag(k - 1))})
     params = bundle.trainable("explainer")
     bundle.model.eval()  # [ours] no LoRA dropout: ratio == 1 before the first step
+    bundle.activation_checkpointing(args.grad_checkpoint)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     rewards = np.array([r["reward"] for r in rows])

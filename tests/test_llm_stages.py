@@ -115,7 +115,7 @@ def test_adapter_saved_in_peft_format(bundle, tmp_path):
 # ---- rewards --------------------------------------------------------------------------------------
 def test_lc_reward_sign_and_value(bundle, monkeypatch):
     known = torch.log(torch.tensor([[0.8, 0.2], [0.8, 0.2], [0.3, 0.7]]))
-    monkeypatch.setattr(bundle, "answer_logprobs", lambda seqs: known[: len(seqs)])
+    monkeypatch.setattr(bundle, "answer_logprobs_grouped", lambda seqs, keys, b, desc="": known[: len(seqs)])
     r = stage2_reward.lc_reward(bundle, ["a", "b", "c"], ["e", "e", "e"], [1, 0, 1], batch=8)
     np.testing.assert_allclose(r, np.log([0.8, 0.2, 0.3]), rtol=1e-6)
     assert np.all(r < 0) and r[0] > r[1]
@@ -125,7 +125,7 @@ def test_lc_reward_matches_scorer_probability(tiny_run):
     b = llm.LLM("tiny", "float32")
     b.attach({"scorer": RunPaths(tiny_run).scorer})
     prompts, expls = ["p one", "p two"], ["because x", "because y"]
-    p = stage1_sft.predict_p(b, prompts, expls, 4)
+    p = stage1_sft.predict_p(b, prompts, [expls], 4)[0]
     r1 = stage2_reward.lc_reward(b, prompts, expls, [1, 1], 4)
     r0 = stage2_reward.lc_reward(b, prompts, expls, [0, 0], 4)
     np.testing.assert_allclose(np.exp(r1), p, rtol=1e-5)
@@ -317,3 +317,56 @@ def test_test_split_never_trains_the_llm(tiny_run, tmp_path):
         assert a.keys() == b.keys() and any(v.abs().sum() > 0 for v in a.values())
         for k in a:
             assert torch.equal(a[k], b[k]), k
+
+
+# ---- prefix KV reuse: the same numbers as one forward per sequence -------------------------
+def _bundle_with_random_adapters():
+    b = llm.LLM("tiny", "float32")
+    b.attach({"scorer": None, "explainer": None})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in b.model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return b
+
+
+def test_prefix_kv_reuse_equals_separate_forwards():
+    b = _bundle_with_random_adapters()
+    prompts = ["The user liked: A, B.\nTarget item: C.", "liked D; disliked E, F, G.\nTarget: H."]
+    expls = ["He will like it.", "He will not like it at all.", "He will like it.", None]
+    seqs = [b.scorer_ids(p, e) for p in prompts for e in expls]
+    keys = [p for p in prompts for _ in expls]
+    with b.use("scorer"), torch.inference_mode():
+        sep = torch.cat([b.answer_logprobs([s]) for s in seqs])
+        grouped = b.answer_logprobs_grouped(seqs, keys, batch_size=3)
+    assert torch.allclose(sep, grouped, atol=2e-5), (sep - grouped).abs().max()
+    # completions: shared first tokens, an empty one; the reference and the adapter
+    pids = [b.explainer_ids(p) for p in prompts for _ in range(3)]
+    comps = [b.encode(" He likes it"), b.encode(" He"), [], b.encode(" no"), b.encode(" no way"),
+             b.encode(" yes it is")]
+    for adapter in ("explainer", None):
+        with b.use(adapter), torch.inference_mode():
+            sep = [b.completion_logprobs([p], [c])[0] for p, c in zip(pids, comps)]
+            grouped = b.completion_logprobs_grouped(pids, comps, batch_size=4)
+        assert [len(x) for x in grouped] == [len(c) for c in comps]
+        for x, y in zip(sep, grouped):
+            assert torch.allclose(x.float(), y, atol=2e-5), (x - y).abs().max()
+
+
+def test_shared_prefill_samples_what_separate_prefill_samples():
+    """K copies of a prompt in one generate() batch share its prefill; the draws (same seed) and
+    their log-probs are those of a prefill per row."""
+    b = _bundle_with_random_adapters()
+    batch = [b.explainer_ids(p) for p in ("liked A, B. Target C. Why?", "liked D. Target H.")
+             for _ in range(3)]
+    out = {}
+    with b.use("explainer"):
+        for share in (True, False):
+            b.share_prefix = share
+            assert (b._shared_prefill(batch) is not None) == share
+            torch.manual_seed(5)
+            out[share] = b.generate(batch, greedy=False, max_new_tokens=8, return_logprobs=True)
+    assert out[True][0] == out[False][0]
+    for x, y in zip(out[True][1], out[False][1]):
+        assert torch.allclose(x, y, atol=2e-5)

@@ -358,9 +358,8 @@ def cause_choice(test, items, texts: dict, args) -> dict:
            len((items.get(s["iid"]) or {}).get("genres", [])) >= 2]
     if not idx:
         return {}
-    echo = lambda gs: lambda s: (f"{items[s['iid']]['title']} is a {' and '.join(gs(items[s['iid']]['genres']))}"
-                                 " film.")
-    sources = {"echo_all_genres": echo(lambda gs: gs), "echo_first_genre": echo(lambda gs: gs[:1])}
+    first = lambda s: prompt_echo(s, {s["iid"]: dict(items[s["iid"]], genres=items[s["iid"]]["genres"][:1])})
+    sources = {"echo_all_genres": lambda s: prompt_echo(s, items), "echo_first_genre": first}
     out, hits = {"n": len(idx)}, {}
     for name in ("base", "aligned", *sources):
         if name in sources:
@@ -567,8 +566,14 @@ def ctr_table(paths, test, train, spec, args):
         if a in P and b in P:
             s.update(delta_auc=out[a]["auc"] - out[b]["auc"],
                      delta_ci=percentile_ci(boot[a] - boot[b]), p_value=paired_p_value(boot[a], boot[b]))
+            if b == "id_ctr":  # [ours] ExpCTR-Aug should be no worse than its own backbone
+                s["noninferiority_margin"] = NI_MARGIN
+                s["noninferior"] = bool(s["delta_ci"][0] is not None and s["delta_ci"][0] > -NI_MARGIN)
         sig[f"{a}_vs_{b}"] = s
     return out, sig, mask, P, y, notes
+
+
+NI_MARGIN = 0.005  # non-inferiority margin of ExpCTR-Aug vs its ID backbone (AUC)
 
 
 def shuffle_drop(y, p, p_sh, n_boot: int, seed: int) -> dict:
@@ -587,15 +592,94 @@ def shuffle_drop(y, p, p_sh, n_boot: int, seed: int) -> dict:
             "shuffle_auc_drop_p": float(np.mean(boot[np.isfinite(boot)] <= 0))}
 
 
+EXPL_KEYS = ["n", "auc_with_expl", "auc_shuffled", "shuffle_auc_drop", "shuffle_auc_drop_ci",
+             "shuffle_auc_drop_p", "n_shuffles", "probe_auc", "stance_agreement",
+             "stance_agreement_clear", "stance_clear", "stance_label_agreement", "grounding",
+             "grounding_target", "grounding_history", "grounding_genre", "hallucination",
+             "distinct_1", "distinct_2", "usr", "mean_words", "cause_recall"]
+
+
+def prompt_echo(sample: dict, items: dict) -> str:
+    """[ours] The prompt-echo baseline: an "explanation" that only restates the target and its
+    genres, as an explainer copying its prompt would. Every text metric is also reported for it."""
+    it = items.get(sample["iid"]) or {}
+    genres = " and ".join(it.get("genres") or []) or "a"
+    return f"The user would view {it.get('title', 'the item')} as a {genres} film."
+
+
+def text_metrics(res, texts, idx, y, test, valid_pairs, items, pred, args, tag):
+    """The metrics that need only the texts (and the scorer's predictions, when given); shares
+    come with a 95% bootstrap CI (key + '_ci') over the test samples."""
+    rng = np.random.default_rng([args.seed, 3])
+    B = rng.integers(0, len(texts), size=(min(args.n_boot, 2000), len(texts))) if texts else None
+    share = lambda v: (float(np.mean(v)), percentile_ci(np.asarray(v, float)[B].mean(1))) \
+        if len(v) else (None, None)
+
+    def put(key, v, ci=True):
+        res[key], c = share(v)
+        if ci:
+            res[key + "_ci"] = c
+    res.update(status="ok", n=len(texts), distinct_1=distinct_n(texts, 1),
+               distinct_2=distinct_n(texts, 2), usr=usr(texts),
+               mean_words=float(np.mean([len(t.split()) for t in texts])) if texts else None)
+    if valid_pairs:
+        res["probe_auc"] = probe_auc([t for t, _ in valid_pairs], [v for _, v in valid_pairs], texts, y)
+    st = np.array([stance(t) for t in tqdm(texts, desc=f"stance {tag}", leave=False, mininterval=2)])
+    put("stance_clear", st != 0)
+    put("stance_label_agreement", st == 2 * y - 1)
+    if pred is not None:
+        has = np.isfinite(pred[idx])
+        if has.any():
+            click = np.where(pred[idx][has] >= 0.5, 1, -1)
+            agree = st[has] == click
+            res["stance_agreement"] = float(agree.mean())
+            clear = st[has] != 0
+            res["stance_agreement_clear"] = float(agree[clear].mean()) if clear.any() else None
+    if items:
+        g = Grounder(items, args.min_title_chars, args.min_ground_chars)
+        checks = [g.check(test[i], t) for i, t in tqdm(list(zip(idx, texts)), desc=f"grounding {tag}",
+                                                        leave=False, mininterval=2)]
+        put("grounding", [c["target"] or c["history"] or c["genre"] for c in checks])
+        put("grounding_target", [c["target"] for c in checks])
+        put("grounding_history", [c["history"] for c in checks], ci=False)
+        put("grounding_genre", [c["genre"] for c in checks], ci=False)
+        put("hallucination", [c["halluc"] for c in checks])
+        causes = [c["cause"] for c in checks if c["cause"] is not None]
+        res["cause_recall"] = float(np.mean(causes)) if causes else None
+    else:
+        res["notes"].append("no data/items.jsonl: grounding skipped")
+
+
+def valid_pairs_of(paths, valid, tag):
+    """(explanation, label) pairs of R/explanations/<tag>/valid.jsonl (the probe's training set)."""
+    vf = paths.explanations(tag, "valid")
+    if not vf.exists():
+        return None
+    vrows = common.read_jsonl(vf)
+    aligned = valid is not None and len(valid) == len(vrows)  # contract: row-aligned
+    vy = [r["label"] if r.get("label") is not None else valid[j]["label"] if aligned else None
+          for j, r in enumerate(vrows)]
+    return [(r.get("explanation"), v) for r, v in zip(vrows, vy)
+            if isinstance(r.get("explanation"), str) and v is not None]
+
+
+def echo_table(test, valid, items, args):
+    """The text metrics of the prompt-echo baseline on every test sample (no scorer metrics)."""
+    res = {k: None for k in EXPL_KEYS}
+    res.update(tag="prompt echo", notes=[])
+    if not items:
+        res["status"] = "not run"
+        return res
+    texts = [prompt_echo(s, items) for s in test]
+    pairs = [(prompt_echo(s, items), s["label"]) for s in valid] if valid else None
+    text_metrics(res, texts, np.arange(len(test)), np.array([s["label"] for s in test]), test,
+                 pairs, items, None, args, "echo")
+    return res
+
+
 def explanation_table(paths, R, test, valid, items, tag, args):
     """Explanation-quality metrics of one explainer tag (None = not produced yet)."""
-    keys = ["n", "auc_with_expl", "auc_shuffled", "shuffle_auc_drop", "shuffle_auc_drop_ci",
-            "shuffle_auc_drop_p", "n_shuffles",
-            "probe_auc", "stance_agreement", "stance_agreement_clear", "stance_clear",
-            "stance_label_agreement", "grounding", "grounding_target", "grounding_history",
-            "grounding_genre", "hallucination", "distinct_1", "distinct_2", "usr", "mean_words",
-            "cause_recall"]
-    res = {k: None for k in keys}
+    res = {k: None for k in EXPL_KEYS}
     res.update(tag=tag, status="not run", notes=[])
     f = paths.explanations(tag, "test") if tag else None
     if f is None or not f.exists():
@@ -612,9 +696,6 @@ def explanation_table(paths, R, test, valid, items, tag, args):
     idx = np.array([i for i, _ in keep], int)
     texts = [r["explanation"] for _, r in keep]
     y = np.array([test[i]["label"] for i in idx])
-    res.update(status="ok", n=len(texts), distinct_1=distinct_n(texts, 1),
-               distinct_2=distinct_n(texts, 2), usr=usr(texts),
-               mean_words=float(np.mean([len(t.split()) for t in texts])) if texts else None)
     # faithfulness: the scorer's AUC drop when explanations are permuted across samples
     sp = paths.scorer / f"preds_test_{tag}.jsonl"
     pred = None
@@ -630,42 +711,11 @@ def explanation_table(paths, R, test, valid, items, tag, args):
     else:
         res["notes"].append(f"no {sp.relative_to(paths.root)}: run `python stage1_sft.py --run-dir "
                             f"{R} --predict {tag} --split test` for shuffle drop and stance agreement")
-    vf = paths.explanations(tag, "valid")
-    if vf.exists():
-        vrows = common.read_jsonl(vf)
-        aligned = valid is not None and len(valid) == len(vrows)  # contract: row-aligned
-        vy = [r["label"] if r.get("label") is not None else valid[j]["label"] if aligned else None
-              for j, r in enumerate(vrows)]
-        pairs = [(r.get("explanation"), v) for r, v in zip(vrows, vy)
-                 if isinstance(r.get("explanation"), str) and v is not None]
-        res["probe_auc"] = probe_auc([t for t, _ in pairs], [v for _, v in pairs], texts, y)
-    else:
-        res["notes"].append(f"no {vf.relative_to(paths.root)}: probe skipped")
-    st = np.array([stance(t) for t in tqdm(texts, desc=f"stance {tag}", leave=False, mininterval=2)])
-    res["stance_clear"] = float((st != 0).mean()) if len(st) else None
-    res["stance_label_agreement"] = float((st == 2 * y - 1).mean()) if len(st) else None
-    if pred is not None:
-        has = np.isfinite(pred[idx])
-        if has.any():
-            click = np.where(pred[idx][has] >= 0.5, 1, -1)
-            agree = st[has] == click
-            res["stance_agreement"] = float(agree.mean())
-            clear = st[has] != 0
-            res["stance_agreement_clear"] = float(agree[clear].mean()) if clear.any() else None
-    if items:
-        g = Grounder(items, args.min_title_chars, args.min_ground_chars)
-        checks = [g.check(test[i], t) for i, t in tqdm(list(zip(idx, texts)), desc=f"grounding {tag}",
-                                                        leave=False, mininterval=2)]
-        share = lambda f_: float(np.mean([f_(c) for c in checks])) if checks else None
-        res.update(grounding=share(lambda c: c["target"] or c["history"] or c["genre"]),
-                   grounding_target=share(lambda c: c["target"]),
-                   grounding_history=share(lambda c: c["history"]),
-                   grounding_genre=share(lambda c: c["genre"]),
-                   hallucination=share(lambda c: c["halluc"]))
-        causes = [c["cause"] for c in checks if c["cause"] is not None]
-        res["cause_recall"] = float(np.mean(causes)) if causes else None
-    else:
-        res["notes"].append("no data/items.jsonl: grounding skipped")
+    pairs = valid_pairs_of(paths, valid, tag)
+    if pairs is None:
+        res["notes"].append(f"no {paths.explanations(tag, 'valid').relative_to(paths.root)}: "
+                            "probe skipped")
+    text_metrics(res, texts, idx, y, test, pairs, items, pred, args, tag)
     return res, dict(zip(idx.tolist(), texts))
 
 
@@ -864,18 +914,27 @@ def report_md(m, examples, plots, plot_note, ppo) -> str:
     for name, s in m["significance"].items():
         L.append(f"- {s['test']}: " + (f"ΔAUC {fmt(s['delta_auc'])} [{fmt(s['delta_ci'][0])}, "
                                        f"{fmt(s['delta_ci'][1])}], p = {fmt(s['p_value'])}"
-                                       if s["p_value"] is not None else "not available (a side is not run)"))
+                                       if s["p_value"] is not None else "not available (a side is not run)")
+                 + (f"; non-inferior at margin {s['noninferiority_margin']} (CI lower bound > "
+                    f"-{s['noninferiority_margin']}): {'yes' if s['noninferior'] else 'no'}"
+                    if "noninferior" in s else ""))
     L += [f"- note: {n}" for n in m["notes"]]
     L += ["", "## 2. Explanation quality (test)", "",
           f"| metric | base ({m['explanations']['base']['tag']}) | aligned "
-          f"({m['explanations']['aligned']['tag'] or 'none'}) | meaning |", "|---|---|---|---|"]
+          f"({m['explanations']['aligned']['tag'] or 'none'}) | prompt echo (baseline) | meaning |",
+          "|---|---|---|---|---|"]
     E = m["explanations"]
     for k, what in EXPL_ROWS:
-        cell = lambda s: "not run" if E[s]["status"] != "ok" else (
+        cell = lambda s: "not run" if E.get(s, {}).get("status") != "ok" else (
             str(E[s][k]) if k == "n" else fmt(E[s][k]) + (
                 f" [{fmt(E[s][k + '_ci'][0])}, {fmt(E[s][k + '_ci'][1])}]"
-                if k == "shuffle_auc_drop" and E[s].get(k + "_ci") else ""))
-        L.append(f"| {k} | {cell('base')} | {cell('aligned')} | {what} |")
+                if E[s].get(k + "_ci") and E[s][k + "_ci"][0] is not None else ""))
+        L.append(f"| {k} | {cell('base')} | {cell('aligned')} | {cell('echo')} | {what} |")
+    L.append("")
+    L.append("The prompt echo restates the target and its genres (\"The user would view <title> as a "
+             "<genres> film.\"): a metric it scores well on is good by construction, not evidence. "
+             "Brackets: 95% bootstrap CI over test samples (shuffle drop: also over the "
+             f"{E['aligned'].get('n_shuffles') or E['base'].get('n_shuffles') or '?'} permutations).")
     L.append("")
     for s in ("base", "aligned"):
         if E[s]["status"] != "ok":
@@ -998,6 +1057,7 @@ def main(argv=None):
     expl, texts = {}, {}
     for src, tag in (("base", "base"), ("aligned", final)):
         expl[src], texts[src] = explanation_table(paths, R, test, valid, items, tag, args)
+    expl["echo"] = echo_table(test, valid, items, args)
     ppo = ppo_curve(paths)
     probe, probe_const, probe_notes = probe_curve(paths, train, args)
     cause = cause_choice(test, items, texts, args) if items else {}

@@ -114,8 +114,10 @@ case "$PRESET" in
     LLM=(--dtype bfloat16)
     GEN=(--max-new-tokens 40 --gen-batch 128 --fwd-batch 64)
     ROLL=(--prompts-per-iter 128 --k-samples 4 --temperature 1.0)
-    SFT=(--epochs 3 --lr 1e-4 --batch-size 16)
-    PPO=(--ppo-epochs 2 --minibatch 32 --lr 5e-5 --kl-beta 0.05)
+    # [ours] activation checkpointing where memory binds (a GPU, larger batches): -52% peak memory
+    # for +13% time in our CPU measurement (README, "Making an iteration affordable")
+    SFT=(--epochs 3 --lr 1e-4 --batch-size 16 --grad-checkpoint)
+    PPO=(--ppo-epochs 2 --minibatch 32 --lr 5e-5 --kl-beta 0.05 --grad-checkpoint)
     N1=20; N3=10; LAMBDA=0.5; PRED_SPLITS=valid,test ;;
   *) echo "error: --preset must be smoke, quick, planted or paper" >&2; exit 2 ;;
 esac

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import evaluate  # noqa: E402
 
-BENCH_MODELS = ("popularity", "logreg", "deepfm", "dcnv2", "din")
+BENCH_MODELS = ("popularity", "logreg", "deepfm", "dcnv2", "din")  # those the bench ran
 
 
 def machine() -> str:
@@ -49,7 +49,8 @@ def bench_table(bench: Path) -> list[str]:
                      f"{d['train_seconds']} |")
     meta = common.read_json(bench / "data" / "meta.json")
     L += ["", "Samples: " + ", ".join(f"{k} {v:,}" for k, v in meta["counts"].items()) +
-          f"; {meta['label_rule']}.", ""]
+          f"; {meta['label_rule']}." + (f" Oracle test AUC (the true click probabilities): "
+                                        f"{meta['oracle_test_auc']}." if "oracle_test_auc" in meta else ""), ""]
     rows = evaluate.step_timings(common.RunPaths(bench))
     if rows:
         L += ["Wall time per step of the benchmark (whole process):", "", "| step | seconds |",
@@ -80,6 +81,17 @@ def main():
         L += ["## Our reading", "", Path(a.reading).read_text().strip(), ""]
     if a.bench:
         L += bench_table(Path(a.bench))
+    sc = R / "scorer" / "metrics.json"
+    if sc.exists():  # the scorer's learning curve on valid (where its settings were chosen)
+        d = common.read_json(sc)
+        L += ["## LLM-CTR scorer training (`scorer/metrics.json`, valid split)", "",
+              f"{d['n_train']} train / {d['n_valid']} valid samples, lr {d['lr']}, LoRA "
+              f"{d.get('lora', 'q_proj,v_proj')}, explanation dropout {d['expl_dropout']}; "
+              f"best epoch {d['best_epoch']}.", "",
+              "| epoch | train loss | valid AUC with explanation | valid AUC without | train tokens/s |",
+              "|---|---|---|---|---|"]
+        L += [f"| {h['epoch']} | {h['loss']:.4f} | {h['valid_auc_with_expl']:.4f} | "
+              f"{h['valid_auc_no_expl']:.4f} | {h['tokens_per_s']} |" for h in d["history"]] + [""]
     report = (R / "eval" / "report.md").read_text()
     img_dir = out.with_suffix("")
     img_dir.mkdir(parents=True, exist_ok=True)

@@ -233,6 +233,52 @@ def test_cause_recall_and_title_normalisation():
         ("city", "of", "lost", "children")
 
 
+def test_cause_choice_needs_the_cause_alone_and_echo_baselines():
+    """A hit names the cause and no other genre of the target: restating every genre is never a
+    hit (the prompt echo), picking the right one is."""
+    items = {"1": {"iid": "1", "title": "Toy Story (1995)", "genres": ["Animation", "Comedy"]},
+             "2": {"iid": "2", "title": "Heat (1995)", "genres": ["Action", "Crime"]},
+             "3": {"iid": "3", "title": "Platoon (1986)", "genres": ["War"]}}
+    test = [{"uid": "u", "iid": "1", "label": 1, "hist": [], "cause": "Comedy"},
+            {"uid": "u", "iid": "2", "label": 0, "hist": [], "cause": "Crime"},
+            {"uid": "u", "iid": "3", "label": 0, "hist": [], "cause": "War"}]  # 1 genre: not counted
+    texts = {"base": {0: "An animated comedy, so yes.", 1: "They dislike crime films.", 2: "x"},
+             "aligned": {0: "They love comedies.", 1: "They dislike crime films.", 2: "x"}}
+    args = type("A", (), {"min_title_chars": 8, "min_ground_chars": 4, "seed": 0, "n_boot": 200})
+    cc = ev.cause_choice(test, items, texts, args)
+    assert cc["n"] == 2
+    assert cc["base"]["cause_hit"] == 0.5 and cc["base"]["wrong_genre"] == 0.5
+    assert cc["aligned"]["cause_hit"] == 1.0 and cc["aligned"]["wrong_genre"] == 0.0
+    assert cc["echo_all_genres"]["cause_hit"] == 0.0 and cc["echo_all_genres"]["wrong_genre"] == 1.0
+    assert cc["echo_first_genre"]["cause_hit"] == 0.0  # Animation / Action come first
+    assert cc["aligned_minus_base"]["delta"] == 0.5
+
+
+def test_shuffle_drop_averages_permutations_and_their_spread_widens_the_ci():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    p = np.clip(y * 0.3 + rng.random(400) * 0.7, 0, 1)
+    same = ev.shuffle_drop(y, p, np.stack([p] * 5), 300, 0)
+    assert same["shuffle_auc_drop"] == 0 and np.allclose(same["shuffle_auc_drop_ci"], 0, atol=1e-12)
+    sh = np.stack([rng.permutation(p) for _ in range(5)])
+    d = ev.shuffle_drop(y, p, sh, 300, 0)
+    want = ev.auc(y, p) - np.mean([ev.auc(y, x) for x in sh])
+    assert abs(d["shuffle_auc_drop"] - want) < 1e-12 and d["n_shuffles"] == 5
+    assert d["shuffle_auc_drop_ci"][0] > 0 and d["shuffle_auc_drop_p"] < 0.05
+    # one permutation that happens to keep the signal: the spread shows up in the CI
+    mixed = np.concatenate([sh[:4], p[None]])
+    lo, hi = ev.shuffle_drop(y, p, mixed, 300, 0)["shuffle_auc_drop_ci"]
+    lo4, hi4 = ev.shuffle_drop(y, p, sh[:4], 300, 0)["shuffle_auc_drop_ci"]
+    assert hi - lo > hi4 - lo4
+
+
+def test_prompt_echo_is_grounded_by_construction():
+    g = grounder()
+    g_items = {"1": {"iid": "1", "title": "Toy Story (1995)", "genres": ["Animation", "Comedy"]}}
+    c = g.check({"iid": "1", "hist": [], "cause": "Comedy"}, ev.prompt_echo({"iid": "1"}, g_items))
+    assert c["target"] and c["genre"] and c["cause"]
+
+
 # ---- whole run folders ------------------------------------------------------------------------------
 def test_full_report_with_plots(tmp_path, capsys):
     root = make_run(tmp_path / "run")

@@ -370,3 +370,32 @@ def test_shared_prefill_samples_what_separate_prefill_samples():
     assert out[True][0] == out[False][0]
     for x, y in zip(out[True][1], out[False][1]):
         assert torch.allclose(x, y, atol=2e-5)
+
+
+def test_scorer_lora_in_top_layers_only_and_saved_that_way(tmp_path):
+    b = llm.LLM("tiny", "float32")
+    n = b.base.config.num_hidden_layers
+    b.attach({"scorer": None}, targets=llm.ALL_PROJ, top_layers=1)
+    names = [k for k, _ in b.model.named_parameters() if "lora_A" in k]
+    layers = {int(k.split(".layers.")[1].split(".")[0]) for k in names}
+    assert layers == {n - 1} and len(names) == len(llm.ALL_PROJ)
+    b.save_adapter("scorer", tmp_path / "a")
+    b2 = llm.LLM("tiny", "float32")
+    b2.attach({"scorer": tmp_path / "a"})
+    assert sorted(k for k, _ in b2.model.named_parameters() if "lora_A" in k) == sorted(names)
+    with pytest.raises(ExpCTRError, match="top LoRA layers"):
+        llm.LLM("tiny", "float32").attach({"scorer": None}, top_layers=n + 1)
+
+
+def test_scorer_question_names_the_target_and_never_the_label():
+    s = {"uid": "1", "iid": "2", "label": 1, "ts": 0, "hist": [["3", 1], ["4", 0]]}
+    items = {"2": {"iid": "2", "title": "Heat", "genres": ["Crime"]},
+             "3": {"iid": "3", "title": "Up", "genres": ["Comedy", "Crime"]},
+             "4": {"iid": "4", "title": "Jaws", "genres": ["Horror"]}}
+    for style in common.PROMPT_STYLES:
+        text = common.build_scorer_prompt(common.build_prompt(s, items, style), "why",
+                                          common.target_text(s, items))
+        assert text.endswith("Will the user click Heat (Crime)? Answer Yes or No.")
+        assert "label" not in text and "Yes." not in text.split("Answer Yes or No.")[0]
+    assert "liked: Comedy (1), Crime (1)." in common.build_prompt(s, items, "genres")
+    assert "disliked: Horror (1)." in common.build_prompt(s, items, "genres")

@@ -327,3 +327,25 @@ def test_early_stopping_means_the_same_in_every_stage(tiny_run, tmp_path, monkey
     monkeypatch.setattr(train_ctr, "evaluate_predictions", lambda y, p, u: dict(real(y, p, u), auc=0.6))
     train_ctr.main(["--run-dir", str(d), "--model", "din", "--epochs", "5", "--patience", "1"])
     assert common.read_json(RunPaths(d).ctr("din") / "metrics.json")["epochs_run"] == 2
+
+
+def test_activation_checkpointing_gives_the_same_ppo_update(tiny_run, tmp_path):
+    """--grad-checkpoint recomputes activations in backward: same adapter (float tolerance), and
+    it is really on in PPO's eval mode (the decoder layers run under checkpointing)."""
+    from safetensors.torch import load_file
+    out = {}
+    for ck in (False, True):
+        d = copy_run(tiny_run, tmp_path / f"r{ck}")
+        stage2_reward.main(["--run-dir", str(d), "--iter", "1", *ROLL])
+        stage3_rl.main(["--run-dir", str(d), "--iter", "1", *PPO, "--lr", "0.01",
+                        *(["--grad-checkpoint"] if ck else [])])
+        out[ck] = load_file(RunPaths(d).policy(1) / "adapter_model.safetensors")
+    moved = max((out[False][k] - out[True][k]).abs().max().item() for k in out[False])
+    assert moved < 1e-5, moved
+    b = llm.LLM("tiny", "float32")
+    b.attach({"explainer": None})
+    b.model.eval()
+    b.activation_checkpointing(True)
+    layer = b._parts()[0].layers[0]
+    assert layer.gradient_checkpointing and layer.training
+    assert not any(m.training for m in layer.modules() if m is not layer)  # no LoRA dropout

@@ -291,14 +291,14 @@ class LLM:
         """Recompute each decoder layer's activations in backward instead of storing them
         (less memory, ~1 more forward of compute); SFT and PPO expose it as --grad-checkpoint."""
         if on:
-            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.base.activation_checkpointing_enable({"use_reentrant": False})
             # transformers checkpoints a layer only when it is in training mode; PPO runs in eval
             # mode (no LoRA dropout), so mark the decoder layers themselves (not their
             # submodules) as training. Call this after model.eval().
             for layer in self._parts()[0].layers:
                 layer.training = True
         else:
-            self.base.gradient_checkpointing_disable()
+            self.base.activation_checkpointing_disable()
 
     def trainable(self, name: str) -> list[torch.nn.Parameter]:
         """Make only adapter `name` trainable; returns its parameters."""

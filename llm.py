@@ -390,9 +390,12 @@ class LLM:
     def answer_logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
         """[B,2] log p(' Yes'), log p(' No') at the answer position: the kernel's log-softmax over
         V=2 rows of the lm_head (PAPER_NOTES §2: p(click) = softmax over the Yes/No logits)."""
-        _, head = self._parts()
         h, _, _ = self.hidden(seqs)
-        last = h[:, -1]
+        return self._yes_no(h[:, -1])
+
+    def _yes_no(self, last: torch.Tensor) -> torch.Tensor:
+        """[B,H] answer-position states -> [B,2] log p(' Yes'), log p(' No') (2-row log-softmax)."""
+        _, head = self._parts()
         w = head.weight[[self.yes_id, self.no_id]]
         b = head.bias[[self.yes_id, self.no_id]] if getattr(head, "bias", None) is not None else None
         B = last.shape[0]
@@ -408,12 +411,7 @@ class LLM:
         continue them and the suffixes (right-padded) attend to them. Equals self.hidden() of the
         concatenations up to float rounding. Returns h [M,S,H] and the suffix mask [M,S]."""
         decoder, _ = self._parts()
-        pids, pmask = self.pad_left(prefixes)
-        out = decoder(input_ids=pids, attention_mask=pmask,
-                      position_ids=(pmask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-        own = torch.tensor(owner, dtype=torch.long, device=self.device)
-        cache = out.cache
-        cache.reorder_cache(own)  # [G, ...] -> [M, ...]: row j holds the KV of its prefix
+        cache, pmask = self._prefill(prefixes, owner)
         S = max(len(x) for x in suffixes)
         sids = torch.full((len(suffixes), S), self.tok.pad_token_id, dtype=torch.long)
         smask = torch.zeros((len(suffixes), S), dtype=torch.long)
@@ -421,10 +419,21 @@ class LLM:
             sids[j, :len(x)] = torch.tensor(x)
             smask[j, :len(x)] = 1
         sids, smask = sids.to(self.device), smask.to(self.device)
-        pos = pmask.sum(1)[own][:, None] + torch.arange(S, device=self.device)[None]
-        h = decoder(input_ids=sids, attention_mask=torch.cat([pmask[own], smask], 1),
+        pos = pmask.sum(1)[:, None] + torch.arange(S, device=self.device)[None]
+        h = decoder(input_ids=sids, attention_mask=torch.cat([pmask, smask], 1),
                     position_ids=pos, cache=cache, use_cache=True).last_hidden_state
         return h, smask
+
+    def _prefill(self, prefixes: list[list[int]], owner: list[int]):
+        """Run each prefix once (left-padded, active adapter) and copy its KV cache to the rows
+        that continue it: returns the cache and the prefix mask, both [len(owner), ...]."""
+        decoder, _ = self._parts()
+        pids, pmask = self.pad_left(prefixes)
+        out = decoder(input_ids=pids, attention_mask=pmask,
+                      position_ids=(pmask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        own = torch.tensor(owner, dtype=torch.long, device=self.device)
+        out.cache.reorder_cache(own)  # [G, ...] -> [M, ...]: row j holds the KV of its prefix
+        return out.cache, pmask[own]
 
     @staticmethod
     def grouped_batches(seqs: list[list[int]], keys: list, batch_size: int,
@@ -460,19 +469,12 @@ class LLM:
                                 desc: str = "score") -> torch.Tensor:
         """answer_logprobs() of every sequence, [n,2] fp32, computing each shared prompt once
         (keys: equal for sequences that continue the same prompt, e.g. K explanations of it)."""
-        _, head = self._parts()
-        w = head.weight[[self.yes_id, self.no_id]]
-        b = head.bias[[self.yes_id, self.no_id]] if getattr(head, "bias", None) is not None else None
         out = torch.zeros((len(seqs), 2), dtype=torch.float32)
         keys = keys if self.share_prefix else list(range(len(seqs)))
         batches = list(self.grouped_batches(seqs, keys, batch_size))
         for idx, pre, suf, own in tqdm(batches, desc=desc, unit=" batch", leave=False):
             h, smask = self.hidden_after_prefix(pre, suf, own)
-            last = h[torch.arange(len(suf)), smask.sum(1) - 1]
-            B = len(suf)
-            tgt = torch.cat([torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.long)])
-            lp = kernels.selected_logprobs(torch.cat([last, last]), w, tgt.to(self.device), bias=b)
-            out[idx] = torch.stack([lp[:B], lp[B:]], dim=1).float().cpu()
+            out[idx] = self._yes_no(h[torch.arange(len(suf)), smask.sum(1) - 1]).float().cpu()
         return out
 
     @torch.inference_mode()
@@ -561,12 +563,8 @@ class LLM:
         owner = [uniq.setdefault(tuple(p), len(uniq)) for p in prompts]
         if not self.share_prefix or len(uniq) == len(prompts) or min(len(p) for p in prompts) < 2:
             return None
-        decoder, _ = self._parts()
-        pids, pmask = self.pad_left([list(k)[:-1] for k in uniq])  # aligned with pad_left(prompts)
-        out = decoder(input_ids=pids, attention_mask=pmask,
-                      position_ids=(pmask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-        out.cache.reorder_cache(torch.tensor(owner, dtype=torch.long, device=self.device))
-        return out.cache
+        # all but the last token, so that the cache is aligned with pad_left(prompts)
+        return self._prefill([list(k)[:-1] for k in uniq], owner)[0]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True).strip()

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import random
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 8, 16, 0.05, ("q_proj", "v_proj
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ANSWER_PREFIX = "Answer:"         # the scorer's assistant turn starts with it
 ANSWERS = (" Yes", " No")         # the scorer's two classes: index 0 = click, 1 = no click
+ANSWER_HEAD_FILE = "answer_head.safetensors"  # a scorer's trained answer head, beside its adapter
 
 
 # ---- plumbing: model folders ------------------------------------------------------------
@@ -198,6 +199,10 @@ class LLM:
         self._policy_bias = None
         self.share_prefix = True  # prefix KV reuse (False: every sequence runs alone; benchmarks)
         self.model = self.base  # becomes a PeftModel after attach()
+        self.active: str | None = None  # the adapter use() made active
+        self.heads: dict[str, torch.nn.Linear] = {}  # trained answer heads, by adapter (scorer)
+        self.n_layers = self.base.config.num_hidden_layers
+        self.depth: dict[str, int] = {}  # adapters that read their answer below the top layer
         self.yes_id, self.no_id = self.answer_ids()
 
     # -- prompts ---------------------------------------------------------------------------
@@ -238,13 +243,18 @@ class LLM:
 
     # -- adapters --------------------------------------------------------------------------
     def attach(self, adapters: dict[str, str | os.PathLike | None], lora_dropout: float = LORA_DROPOUT,
-               r: int = LORA_R, targets=LORA_TARGETS, top_layers: int = 0):
+               r: int = LORA_R, targets=LORA_TARGETS, top_layers: int = 0, answer_layer: int = 0):
         """adapters: {name: adapter folder, or None for a fresh LoRA (B=0: equals the base)}.
         A fresh LoRA has rank r (alpha = 2r) on `targets`; top_layers > 0 puts it in the top N
         decoder layers only [ours: the scorer's option], so backward stops there (the lower
-        layers run without autograd). A saved adapter brings its own configuration."""
+        layers run without autograd). answer_layer > 0 [ours: the scorer's option]: the adapter
+        runs only decoder layers [0, answer_layer) and reads its answer there (final norm, then
+        the answer head); its top_layers are the top of those. A saved adapter brings its own
+        configuration (answer_layer from its expctr.json)."""
         from peft import LoraConfig, PeftModel, get_peft_model
-        n_layers = self.base.config.num_hidden_layers
+        n_layers = answer_layer or self.n_layers
+        if not 0 <= answer_layer <= self.n_layers:
+            raise ExpCTRError(f"answer layer {answer_layer}: expected 0 (the top) .. {self.n_layers}")
         if not 0 <= top_layers <= n_layers:
             raise ExpCTRError(f"top LoRA layers {top_layers}: expected 0 (all) .. {n_layers}")
         cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout,
@@ -262,8 +272,40 @@ class LLM:
                 self.model.load_adapter(str(src), adapter_name=name, is_trainable=True)
             else:
                 self.model.add_adapter(name, cfg)
+            depth = (common.read_json(Path(src) / "expctr.json").get("answer_layer", 0)
+                     if src is not None and (Path(src) / "expctr.json").exists() else answer_layer)
+            if depth and depth != self.n_layers:
+                self.depth[name] = int(depth)
+            if src is not None and (Path(src) / ANSWER_HEAD_FILE).exists():
+                self.add_answer_head(name, src)
         self.model.to(self.device).eval()
         return self.model
+
+    def add_answer_head(self, name: str, src: str | os.PathLike | None = None) -> torch.nn.Linear:
+        """[ours] A trainable answer head for adapter `name` (the scorer): a [2, H] fp32 linear
+        map from the answer-position state to the (Yes, No) logits, initialised to the lm_head's
+        ' Yes' / ' No' rows (so a fresh head gives exactly the untuned model's answer), or loaded
+        from `src`/answer_head.safetensors. The lm_head is tied to the input embeddings in small
+        models, so its rows cannot train without changing every prompt token; this head can, and
+        unlike a LoRA on the top layers it flips the sign of an inverted zero-shot read-out in a
+        few steps (README, "The planted world")."""
+        _, lm = self._parts()
+        head = torch.nn.Linear(lm.weight.shape[1], 2, bias=True).to(self.device, torch.float32)
+        with torch.no_grad():
+            if src is not None:
+                from safetensors.torch import load_file
+                sd = load_file(str(Path(src) / ANSWER_HEAD_FILE))
+                if tuple(sd["weight"].shape) != tuple(head.weight.shape):
+                    raise ExpCTRError(f"{src}/{ANSWER_HEAD_FILE}: weight {tuple(sd['weight'].shape)}, "
+                                      f"expected {tuple(head.weight.shape)} for --model {self.name}")
+                head.load_state_dict(sd)
+            else:
+                head.weight.copy_(lm.weight[[self.yes_id, self.no_id]].float())
+                lm_bias = getattr(lm, "bias", None)
+                head.bias.copy_(lm_bias[[self.yes_id, self.no_id]].float() if lm_bias is not None
+                                else torch.zeros(2))
+        self.heads[name] = head
+        return head
 
     def check_adapter(self, folder) -> None:
         meta = Path(folder) / "expctr.json"
@@ -275,17 +317,32 @@ class LLM:
                 raise ExpCTRError(f"{folder} was trained on --model {trained_on}, not {self.name}: "
                                   f"pass --model {trained_on} or use a fresh run folder")
 
+    @contextmanager
     def use(self, name: str | None):
-        """Context: adapter `name` active, or the bare base model (the reference) for None."""
+        """Context: adapter `name` active (and its answer head, if it has one), or the bare base
+        model (the reference) for None."""
         from peft import PeftModel
         if not isinstance(self.model, PeftModel):
             if name is not None:
                 raise ExpCTRError(f"adapter '{name}' requested but none attached")
-            return nullcontext()
-        if name is None:
-            return self.model.disable_adapter()
-        self.model.set_adapter(name)
-        return nullcontext()
+            ctx = nullcontext()
+        elif name is None:
+            ctx = self.model.disable_adapter()
+        else:
+            self.model.set_adapter(name)
+            ctx = nullcontext()
+        prev, self.active = self.active, name
+        cfg = self._parts()[0].config
+        depth = cfg.num_hidden_layers
+        # the decoder's forward runs layers[:config.num_hidden_layers]: an adapter with an
+        # answer layer runs only its part of the stack (every forward path, KV caches included)
+        cfg.num_hidden_layers = self.depth.get(name, self.n_layers)
+        try:
+            with ctx:
+                yield
+        finally:
+            self.active = prev
+            cfg.num_hidden_layers = depth
 
     def activation_checkpointing(self, on: bool) -> None:
         """Recompute each decoder layer's activations in backward instead of storing them
@@ -307,6 +364,9 @@ class LLM:
             p.requires_grad_(f".{name}." in n and "lora_" in n)
             if p.requires_grad:
                 params.append(p)
+        for p in (self.heads[name].parameters() if name in self.heads else ()):
+            p.requires_grad_(True)
+            params.append(p)
         return params
 
     def save_adapter(self, name: str, out_dir, files: dict | None = None, **meta) -> None:
@@ -323,8 +383,13 @@ class LLM:
             save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()},
                       str(tmp / "adapter_model.safetensors"))
             cfg.save_pretrained(str(tmp))
+            if name in self.depth:
+                meta = {**meta, "answer_layer": self.depth[name]}
             (tmp / "expctr.json").write_text(json.dumps({"model": self.name, "adapter": name, **meta},
                                                         indent=2) + "\n")
+            if name in self.heads:
+                save_file({k: v.detach().contiguous().cpu() for k, v in self.heads[name].state_dict().items()},
+                          str(tmp / ANSWER_HEAD_FILE))
             for fname, obj in (files or {}).items():
                 (tmp / fname).write_text(json.dumps(obj, indent=2) + "\n")
 
@@ -394,14 +459,74 @@ class LLM:
         return self._yes_no(h[:, -1])
 
     def _yes_no(self, last: torch.Tensor) -> torch.Tensor:
-        """[B,H] answer-position states -> [B,2] log p(' Yes'), log p(' No') (2-row log-softmax)."""
-        _, head = self._parts()
-        w = head.weight[[self.yes_id, self.no_id]]
-        b = head.bias[[self.yes_id, self.no_id]] if getattr(head, "bias", None) is not None else None
+        """[B,H] answer-position states -> [B,2] log p(' Yes'), log p(' No') (2-row log-softmax):
+        the lm_head's two rows, or the active adapter's trained answer head (add_answer_head)."""
+        if self.active in self.heads:
+            w, b = self.heads[self.active].weight, self.heads[self.active].bias
+            last = last.to(w.dtype)
+        else:
+            _, head = self._parts()
+            w = head.weight[[self.yes_id, self.no_id]]
+            b = head.bias[[self.yes_id, self.no_id]] if getattr(head, "bias", None) is not None else None
         B = last.shape[0]
         tgt = torch.cat([torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.long)])
         lp = kernels.selected_logprobs(torch.cat([last, last]), w, tgt.to(self.device), bias=b)
         return torch.stack([lp[:B], lp[B:]], dim=1)
+
+    # -- frozen lower layers computed once [ours]: a scorer with LoRA in the top layers only ----
+    def _run_layers(self, h: torch.Tensor, mask: torch.Tensor, layers) -> torch.Tensor:
+        """Run decoder `layers` over hidden states h [B,T,H] (left-padded, mask [B,T]); the same
+        calls as the decoder's own forward (Llama-style: rotary embeddings, causal mask)."""
+        from transformers.masking_utils import create_causal_mask
+        decoder, _ = self._parts()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        causal = create_causal_mask(config=decoder.config, inputs_embeds=h, attention_mask=mask,
+                                    cache=None, position_ids=pos)
+        rotary = decoder.rotary_emb(h, position_ids=pos)
+        for layer in layers:
+            h = layer(h, attention_mask=causal, position_embeddings=rotary, position_ids=pos)
+        return h
+
+    def stack(self, n_top: int) -> tuple[int, int]:
+        """(first, end): the top n_top of the decoder layers the active adapter runs."""
+        decoder, _ = self._parts()
+        end = self.depth.get(self.active, self.n_layers)
+        if not hasattr(decoder, "rotary_emb") or not 0 < n_top <= end:
+            raise ExpCTRError(f"--lora-layers {n_top}: needs a Llama-style decoder with at least "
+                              f"that many layers below the answer layer ({end})")
+        return end - n_top, end
+
+    @torch.inference_mode()
+    def lower_states(self, seqs: list[list[int]], n_top: int, batch_size: int,
+                     desc: str = "lower layers") -> list[torch.Tensor]:
+        """The input of the top n_top decoder layers for each sequence ([T_i, H], padding cut):
+        the frozen lower layers run once, however many epochs train the top ones. Valid only
+        while no adapter touches the lower layers (a scorer LoRA with top_layers = n_top); call
+        it with that adapter active (its answer layer sets where the top layers end)."""
+        decoder, _ = self._parts()
+        cut, _ = self.stack(n_top)
+        out: list = [None] * len(seqs)
+        for idx in tqdm(length_batches([len(s) for s in seqs], batch_size), desc=desc,
+                        unit=" batch", leave=False):
+            ids, mask = self.pad_left([seqs[i] for i in idx])
+            h = self._run_layers(decoder.embed_tokens(ids), mask, decoder.layers[:cut])
+            for j, i in enumerate(idx):
+                out[i] = h[j, mask[j].bool()].clone()
+        return out
+
+    def upper_answer_logprobs(self, states: list[torch.Tensor], n_top: int) -> torch.Tensor:
+        """answer_logprobs() from lower_states(): the top n_top layers (active adapter, with
+        autograd when it is on), the final norm and the Yes/No read-out. [B,2]."""
+        decoder, _ = self._parts()
+        T = max(len(x) for x in states)
+        h = states[0].new_zeros((len(states), T, states[0].shape[1]))
+        mask = torch.zeros((len(states), T), dtype=torch.long, device=self.device)
+        for j, x in enumerate(states):
+            h[j, T - len(x):] = x
+            mask[j, T - len(x):] = 1
+        first, end = self.stack(n_top)
+        h = self._run_layers(h, mask, decoder.layers[first:end])
+        return self._yes_no(decoder.norm(h[:, -1]))
 
     # -- prefix KV reuse: a prompt's forward once for all its continuations --------------------
     def hidden_after_prefix(self, prefixes: list[list[int]], suffixes: list[list[int]],

@@ -53,10 +53,25 @@ def parse_args(argv=None):
                    help=f"comma-separated projections the scorer's LoRA adapts; 'all' = "
                         f"{','.join(llm.ALL_PROJ)} (TALLRec: q_proj,v_proj)")
     p.add_argument("--lora-layers", type=int, default=0,
-                   help="LoRA in the top N decoder layers only (0 = all) [ours]: backward stops "
-                        "there, so a step costs ~1 forward + N/L_total backward")
+                   help="LoRA in the top N decoder layers only (0 = all) [ours]: the frozen lower "
+                        "layers run once per sample before training, and every step and every "
+                        "valid evaluation runs the top N layers alone")
+    p.add_argument("--answer-head", choices=["lm", "trained"], default="lm",
+                   help="how the answer is read: lm = the lm_head's ' Yes'/' No' rows (TALLRec); "
+                        "trained = a trainable [2, H] head initialised to those rows [ours]")
+    p.add_argument("--answer-layer", type=int, default=0,
+                   help="read the answer after decoder layer N (0 = the top layer, as TALLRec) "
+                        "[ours]: the scorer runs layers [0, N) only, and --lora-layers are the top "
+                        "of those; a linear probe on valid (scripts/scorer_layer_probe.py) shows "
+                        "where a small model holds the click signal")
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of the trained answer head (default: --lr)")
     p.add_argument("--grad-checkpoint", action="store_true",
-                   help="activation checkpointing: less memory, ~1 more forward of compute")
+                   help="activation checkpointing: less memory, ~1 more forward of compute "
+                        "(full-depth LoRA only; with --lora-layers the top layers run alone)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also score valid every N steps (learning-curve rows in metrics.jsonl; "
+                        "0 = at epoch ends only)")
     p.add_argument("--expl-dropout", type=float, default=0.3,
                    help="probability of training an example without its explanation [ours]")
     p.add_argument("--max-train", type=int, default=None, help="use only the first N train rows")
@@ -134,49 +149,85 @@ def train(args, paths: RunPaths, model: str):
     common.set_seed(args.seed)
     bundle = llm.LLM(model, args.dtype, args.device, args.threads)
     targets = llm.ALL_PROJ if args.lora_targets == "all" else tuple(args.lora_targets.split(","))
-    bundle.attach({"scorer": None}, r=args.lora_r, targets=targets, top_layers=args.lora_layers)
-    bundle.activation_checkpointing(args.grad_checkpoint)
+    bundle.attach({"scorer": None}, r=args.lora_r, targets=targets, top_layers=args.lora_layers,
+                  answer_layer=args.answer_layer)
+    if args.answer_head == "trained":
+        bundle.add_answer_head("scorer")
+    bundle.activation_checkpointing(args.grad_checkpoint and not args.lora_layers)
     params = bundle.trainable("scorer")
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    tr_prompts = [common.build_prompt(r, items, style) for r in tr_rows]
+    head = list(bundle.heads["scorer"].parameters()) if "scorer" in bundle.heads else []
+    lora = [q for q in params if all(q is not h for h in head)]
+    opt = torch.optim.AdamW([{"params": lora, "lr": args.lr},
+                             {"params": head, "lr": args.head_lr or args.lr}],
+                            weight_decay=args.weight_decay)
+    rng = np.random.default_rng(args.seed)
+    # [ours] explanation dropout drawn once: a sample is seen with or without its explanation in
+    # every epoch, so that its frozen lower-layer states can be computed once (--lora-layers)
+    drop = rng.random(len(tr_rows)) < args.expl_dropout
+    tr_seqs = [bundle.scorer_ids(common.build_prompt(r, items, style),
+                                 None if d else e["explanation"], common.target_text(r, items))
+               for r, e, d in zip(tr_rows, tr_ex, drop)]
+    tr_labels = torch.tensor([r["label"] for r in tr_rows], device=bundle.device)
     va_prompts = [common.build_prompt(r, items, style) for r in va_rows]
-    tr_targets = [common.target_text(r, items) for r in tr_rows]
     va_targets = [common.target_text(r, items) for r in va_rows]
     va_labels = [r["label"] for r in va_rows]
-    rng = np.random.default_rng(args.seed)
+    n_top, t0 = args.lora_layers, time.time()
+    if n_top:  # the frozen lower layers, once for every train and valid sequence
+        va_seqs = [bundle.scorer_ids(p, x, t) for expl in ([e["explanation"] for e in va_ex],
+                                                            [None] * len(va_rows))
+                   for p, x, t in zip(va_prompts, expl, va_targets)]
+        with bundle.use("scorer"):
+            tr_states = bundle.lower_states(tr_seqs, n_top, args.eval_batch, "lower layers, train")
+            va_states = bundle.lower_states(va_seqs, n_top, args.eval_batch, "lower layers, valid")
+    lower_s = time.time() - t0
+
+    def forward(idx):  # [B,2] answer log-probs of train samples idx, scorer active
+        if n_top:
+            return bundle.upper_answer_logprobs([tr_states[i] for i in idx], n_top)
+        return bundle.answer_logprobs([tr_seqs[i] for i in idx])
 
     def evaluate():
         bundle.model.eval()
-        with_e, no_e = predict_p(bundle, va_prompts, [[e["explanation"] for e in va_ex],
-                                                      [None] * len(va_rows)], args.eval_batch,
-                                 va_targets)
+        if n_top:
+            with bundle.use("scorer"), torch.inference_mode():
+                lp = torch.cat([bundle.upper_answer_logprobs(va_states[i:i + args.eval_batch], n_top)
+                                for i in range(0, len(va_states), args.eval_batch)])
+            with_e, no_e = lp[:, 0].exp().float().numpy().reshape(2, len(va_rows))
+        else:
+            with_e, no_e = predict_p(bundle, va_prompts, [[e["explanation"] for e in va_ex],
+                                                          [None] * len(va_rows)], args.eval_batch,
+                                     va_targets)
         return auc(va_labels, with_e), auc(va_labels, no_e)
 
-    stopper, best_state, history = common.EarlyStopping(args.patience), None, []
+    stopper, best_state, history, step = common.EarlyStopping(args.patience), None, [], 0
     for epoch in range(1, args.epochs + 1):
         # ---- algorithm: one epoch of SFT with explanation dropout ----
         bundle.model.train()
         order = rng.permutation(len(tr_rows))
-        drop = rng.random(len(tr_rows)) < args.expl_dropout
         losses, n_tok, t0 = [], 0, time.time()
         bar = tqdm(range(0, len(order), args.batch_size), desc=f"sft epoch {epoch}", unit=" step")
         for s in bar:
             idx = order[s:s + args.batch_size]
-            seqs = [bundle.scorer_ids(tr_prompts[i], None if drop[i] else tr_ex[i]["explanation"],
-                                      tr_targets[i]) for i in idx]
-            labels = torch.tensor([tr_rows[i]["label"] for i in idx], device=bundle.device)
             with bundle.use("scorer"):
-                loss = scorer_loss(bundle.answer_logprobs(seqs), labels)
+                loss = scorer_loss(forward(idx), tr_labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
             losses.append(loss.item())
-            n_tok += sum(len(q) for q in seqs)
+            n_tok += sum(len(tr_seqs[i]) for i in idx)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+            step += 1
+            if args.eval_every and step % args.eval_every == 0 and s + args.batch_size < len(order):
+                c_e, c_n = evaluate()  # a learning-curve point (not an early-stopping candidate)
+                common.log_metrics(paths.metrics, "stage1_sft_curve", step=step, epoch=epoch,
+                                   samples=step * args.batch_size, train_loss=float(np.mean(losses)),
+                                   valid_auc_with_expl=c_e, valid_auc_no_expl=c_n, model=model)
+                bundle.model.train()
         train_s = time.time() - t0
         auc_e, auc_n = evaluate()
-        row = common.log_metrics(paths.metrics, "stage1_sft", epoch=epoch, loss=float(np.mean(losses)),
+        row = common.log_metrics(paths.metrics, "stage1_sft", epoch=epoch, step=step,
+                                 samples=step * args.batch_size, loss=float(np.mean(losses)),
                                  valid_auc_with_expl=auc_e, valid_auc_no_expl=auc_n,
                                  tokens_per_s=round(n_tok / train_s, 1), seconds=round(train_s, 1),
                                  model=model)
@@ -185,21 +236,22 @@ def train(args, paths: RunPaths, model: str):
               f"without {auc_n}, {row['tokens_per_s']} train tokens/s")
         score = auc_e if auc_e is not None else -epoch  # single-class valid: keep the last epoch
         if stopper.step(score):
-            best_state = {n: p.detach().clone() for n, p in bundle.model.named_parameters()
-                          if p.requires_grad}
+            best_state = [q.detach().clone() for q in params]
             best_row = row
         elif stopper.stop:
             break
     # ---- plumbing: keep the best epoch, save adapter + metrics atomically ----
     with torch.no_grad():
-        named = dict(bundle.model.named_parameters())
-        for n, v in best_state.items():
-            named[n].copy_(v)
+        for q, v in zip(params, best_state):
+            q.copy_(v)
     metrics = {"valid_auc_with_expl": best_row["valid_auc_with_expl"],
                "valid_auc_no_expl": best_row["valid_auc_no_expl"], "best_epoch": best_row["epoch"],
                "epochs_run": len(history), "n_train": len(tr_rows), "n_valid": len(va_rows),
                "expl_tag": args.expl_tag, "expl_dropout": args.expl_dropout, "lr": args.lr,
                "lora": {"r": args.lora_r, "targets": list(targets), "top_layers": args.lora_layers},
+               "answer_head": args.answer_head, "head_lr": args.head_lr or args.lr,
+               "answer_layer": args.answer_layer or bundle.n_layers,
+               "lower_layers_seconds": round(lower_s, 1),
                "model": model, "history": history}
     bundle.save_adapter("scorer", paths.scorer, files={"metrics.json": metrics}, expl_tag=args.expl_tag)
     print(f"[stage1] scorer -> {paths.scorer} (best epoch {best_row['epoch']})")

@@ -172,7 +172,12 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     rewards = np.array([r["reward"] for r in rows])
-    adv_all = group_advantages(rewards, [r["group"] for r in rows], normalize=not args.no_adv_norm)
+    groups = [r["group"] for r in rows]
+    adv_all = group_advantages(rewards, groups, normalize=not args.no_adv_norm)
+    # the size of the learning signal before normalisation: how much the K rewards of a prompt
+    # differ (a scorer that ignores explanations gives ~0 here, and normalising only scales noise)
+    raw_adv = group_advantages(rewards, groups, normalize=False)
+    within_std = [float(np.std(rewards[np.asarray(groups) == g])) for g in sorted(set(groups))]
     phase, temperature = rows[0]["phase"], rows[0]["temperature"]
     rng = np.random.default_rng([args.seed, k])
     stats, ents, n_tok, t0 = [], [], 0, time.time()
@@ -207,7 +212,9 @@ def main(argv=None):
     row = common.log_metrics(
         paths.metrics, "stage3_rl", iter=k, phase=phase, model=model, n=len(rows),
         reward=float(rewards.mean()), r_lc=float(np.mean([r["r_lc"] for r in rows])),
-        r_ic=float(np.mean(r_ic)) if r_ic else None, kl=mean("kl"), clip_frac=mean("clip_frac"),
+        r_ic=float(np.mean(r_ic)) if r_ic else None, reward_std_within_group=float(np.mean(within_std)),
+        reward_std_all=float(rewards.std()), adv_abs_mean_raw=float(np.abs(raw_adv).mean()),
+        kl=mean("kl"), clip_frac=mean("clip_frac"),
         entropy=float(np.mean(ents)), expl_len=float(np.mean([len(r["completion_ids"]) for r in rows])),
         loss=mean("loss"), pg_loss=mean("pg_loss"), grad_norm=mean("grad_norm"),
         kl_last=stats[-1]["kl"], clip_frac_last=stats[-1]["clip_frac"],

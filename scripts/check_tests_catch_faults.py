@@ -60,6 +60,13 @@ FAULTS = [
   "tests/test_evaluate.py::test_shuffle_drop_averages_permutations_and_their_spread_widens_the_ci"),
  ("cause_hit_any_named", "evaluate.py", "            h.append(c in named and not (named & gs) - {c})", "            h.append(c in named)",
   "tests/test_evaluate.py::test_cause_choice_needs_the_cause_alone_and_echo_baselines"),
+ ("upper_layers_off_by_one", "llm.py", "        h = self._run_layers(h, mask, decoder.layers[self.split_at(n_top):])",
+  "        h = self._run_layers(h, mask, decoder.layers[self.split_at(n_top) + 1:])",
+  "tests/test_llm_stages.py::test_top_layers_from_cached_lower_states_equal_the_full_forward"),
+ ("answer_head_ignored", "llm.py", "        if self.active in self.heads:", "        if False:",
+  "tests/test_llm_stages.py::test_answer_head_starts_at_the_untuned_answer_is_saved_and_only_the_scorer_uses_it"),
+ ("answer_layer_not_truncated", "llm.py", "        cfg.num_hidden_layers = self.depth.get(name, self.n_layers)\n", "        cfg.num_hidden_layers = self.n_layers\n",
+  "tests/test_llm_stages.py::test_answer_layer_runs_only_the_layers_below_it_and_is_saved"),
 ]
 only = sys.argv[1:]
 bad = 0

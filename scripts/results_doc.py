@@ -92,6 +92,25 @@ def main():
               "|---|---|---|---|---|"]
         L += [f"| {h['epoch']} | {h['loss']:.4f} | {h['valid_auc_with_expl']:.4f} | "
               f"{h['valid_auc_no_expl']:.4f} | {h['tokens_per_s']} |" for h in d["history"]] + [""]
+        if "answer_head" in d:
+            L += [f"Answer head: {d['answer_head']} (lr {d['head_lr']}); the frozen lower layers "
+                  f"ran once in {d['lower_layers_seconds']} s.", ""]
+        rows = [r for r in common.read_jsonl(R / "metrics.jsonl") if r["stage"] in
+                ("stage1_sft_curve", "stage1_sft") and "samples" in r]
+        if rows:  # the learning curve: valid AUC against training samples seen
+            L += ["Learning curve (valid):", "", "| samples seen | train loss (epoch so far) | "
+                  "valid AUC with explanation | valid AUC without |", "|---|---|---|---|"]
+            L += [f"| {r['samples']} | {r.get('train_loss', r.get('loss')):.4f} | "
+                  f"{r['valid_auc_with_expl']:.4f} | {r['valid_auc_no_expl']:.4f} |" for r in rows] + [""]
+    ppo = [r for r in common.read_jsonl(R / "metrics.jsonl") if r["stage"] == "stage3_rl"]
+    if ppo and "reward_std_within_group" in ppo[-1]:  # the size of PPO's learning signal
+        last = {r["iter"]: r for r in ppo}
+        L += ["## PPO's learning signal (`metrics.jsonl`, stage3_rl rows; training rollouts)", "",
+              "| iter | phase | mean reward | reward std within a prompt's K samples | reward std, all |"
+              " mean abs advantage (raw) | KL to reference | clip frac |", "|---|---|---|---|---|---|---|---|"]
+        L += [f"| {k} | {r['phase']} | {r['reward']:.4f} | {r['reward_std_within_group']:.4f} | "
+              f"{r['reward_std_all']:.4f} | {r['adv_abs_mean_raw']:.4f} | {r['kl']:.4f} | "
+              f"{r['clip_frac']:.3f} |" for k, r in sorted(last.items())] + [""]
     report = (R / "eval" / "report.md").read_text()
     img_dir = out.with_suffix("")
     img_dir.mkdir(parents=True, exist_ok=True)

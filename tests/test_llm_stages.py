@@ -399,3 +399,104 @@ def test_scorer_question_names_the_target_and_never_the_label():
         assert "label" not in text and "Yes." not in text.split("Answer Yes or No.")[0]
     assert "liked: Comedy (1), Crime (1)." in common.build_prompt(s, items, "genres")
     assert "disliked: Horror (1)." in common.build_prompt(s, items, "genres")
+
+
+def _scorer_with_top_layer_lora_and_head(seed: int = 0, answer_layer: int = 0) -> llm.LLM:
+    """Tiny model, scorer LoRA in the top layer only with random B, and a perturbed answer head."""
+    b = llm.LLM("tiny", "float32")
+    b.attach({"scorer": None}, targets=llm.ALL_PROJ, top_layers=1, answer_layer=answer_layer)
+    b.add_answer_head("scorer")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in b.model.named_parameters():
+            if "lora_B.scorer" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        b.heads["scorer"].weight.add_(torch.randn(b.heads["scorer"].weight.shape, generator=g))
+        b.heads["scorer"].bias.add_(torch.tensor([0.4, -0.2]))
+    return b
+
+
+@pytest.mark.parametrize("answer_layer", [0, 1])
+def test_top_layers_from_cached_lower_states_equal_the_full_forward(answer_layer):
+    """stage1_sft --lora-layers N trains on the frozen lower layers' states computed once: the
+    top layers run from them must give the full forward's answer log-probs and LoRA/head gradients
+    (also when the scorer reads its answer below the top layer, --answer-layer)."""
+    b = _scorer_with_top_layer_lora_and_head(answer_layer=answer_layer)
+    seqs = [b.scorer_ids("The user liked: A, B.\nTarget item: C.", "He will like it."),
+            b.scorer_ids("liked D; disliked E.\nTarget: H.", None, "H (Crime)")]
+    params = b.trainable("scorer")
+    labels = torch.tensor([1, 0])
+    grads = []
+    for path in ("full", "cached"):
+        with b.use("scorer"):
+            lp = (b.answer_logprobs(seqs) if path == "full"
+                  else b.upper_answer_logprobs(b.lower_states(seqs, 1, 4), 1))
+            loss = stage1_sft.scorer_loss(lp, labels)
+        for p in params:
+            p.grad = None
+        loss.backward()
+        grads.append((lp.detach(), [p.grad.clone() for p in params]))
+    (lp_full, g_full), (lp_cached, g_cached) = grads
+    assert torch.allclose(lp_full, lp_cached, atol=1e-5), (lp_full - lp_cached).abs().max()
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(g_full, g_cached))
+    assert any(float(g.abs().sum()) > 0 for g in g_cached)
+
+
+def test_answer_head_starts_at_the_untuned_answer_is_saved_and_only_the_scorer_uses_it(tmp_path):
+    fresh = llm.LLM("tiny", "float32")
+    fresh.attach({"scorer": None})
+    seqs = [fresh.scorer_ids("liked A. Target B.", None), fresh.scorer_ids("liked C. Target D.", "x")]
+    with torch.inference_mode():
+        with fresh.use("scorer"):
+            before = fresh.answer_logprobs(seqs)
+        fresh.add_answer_head("scorer")
+        with fresh.use("scorer"):
+            assert torch.allclose(fresh.answer_logprobs(seqs), before, atol=1e-6)  # lm rows
+    b = _scorer_with_top_layer_lora_and_head()
+    with torch.inference_mode():
+        with b.use("scorer"):
+            trained = b.answer_logprobs(seqs)
+            grouped = b.answer_logprobs_grouped(seqs, [0, 1], 4)
+        with b.use(None):
+            reference = b.answer_logprobs(seqs)
+    assert torch.allclose(trained, grouped, atol=2e-5)
+    assert (trained - reference).abs().max() > 0.05  # the head changes the scorer's answer ...
+    b.save_adapter("scorer", tmp_path / "s")
+    assert (tmp_path / "s" / llm.ANSWER_HEAD_FILE).exists()
+    b2 = llm.LLM("tiny", "float32")
+    b2.attach({"scorer": tmp_path / "s"})
+    with torch.inference_mode():
+        with b2.use("scorer"):
+            assert torch.allclose(b2.answer_logprobs(seqs), trained, atol=1e-5)
+        with b2.use(None):  # ... and never the reference's (nor the explainer's)
+            assert torch.allclose(b2.answer_logprobs(seqs), reference, atol=1e-5)
+
+
+def test_answer_layer_runs_only_the_layers_below_it_and_is_saved(tmp_path):
+    """--answer-layer 1 of the 2-layer tiny model: the scorer's answer is read from layer 0's
+    output (final norm, head), in the plain and the prefix-shared forward; other adapters and the
+    reference still run every layer; a reloaded scorer keeps its answer layer."""
+    b = _scorer_with_top_layer_lora_and_head(answer_layer=1)
+    b.attach({"explainer": None})
+    decoder, _ = b._parts()
+    seqs = [b.scorer_ids("liked A. Target B.", None), b.scorer_ids("liked C. Target D.", "why")]
+    with torch.inference_mode():
+        with b.use("scorer"):
+            ids, mask = b.pad_left(seqs)
+            h = b._run_layers(decoder.embed_tokens(ids), mask, decoder.layers[:1])
+            by_hand = b._yes_no(decoder.norm(h[:, -1]))
+            assert torch.allclose(b.answer_logprobs(seqs), by_hand, atol=1e-5)
+            assert torch.allclose(b.answer_logprobs_grouped(seqs, [0, 0], 4), by_hand, atol=1e-5)
+        for adapter in (None, "explainer"):
+            with b.use(adapter):
+                full = b.hidden(seqs)[0]
+                h2 = b._run_layers(decoder.embed_tokens(ids), mask, decoder.layers)
+                assert torch.allclose(full, decoder.norm(h2), atol=1e-5)
+    b.save_adapter("scorer", tmp_path / "s")
+    b2 = llm.LLM("tiny", "float32")
+    b2.attach({"scorer": tmp_path / "s"})
+    assert b2.depth == {"scorer": 1}
+    with torch.inference_mode(), b2.use("scorer"):
+        assert torch.allclose(b2.answer_logprobs(seqs), by_hand, atol=1e-5)
+    with pytest.raises(ExpCTRError, match="answer layer"):
+        llm.LLM("tiny", "float32").attach({"scorer": None}, answer_layer=3)

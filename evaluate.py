@@ -37,11 +37,11 @@ from collections import defaultdict, deque
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import log_loss, roc_auc_score
 from tqdm import tqdm
 
 import common
 from common import ExpCTRError, RunPaths
+from metrics import auc, gauc, logloss  # noqa: F401 (defined once; tests read them here too)
 
 
 def parse_args(argv=None):
@@ -57,8 +57,9 @@ def parse_args(argv=None):
                    "than this (normalised) are not checked for hallucination (ordinary words)")
     p.add_argument("--min-ground-chars", type=int, default=4, help="[ours] target/history titles "
                    "shorter than this (normalised) do not count for grounding")
-    p.add_argument("--pop-prior", type=float, default=1.0, help="[ours] popularity baseline: "
-                   "(pos + m*global_rate) / (count + m) with this m (unseen items get the global rate)")
+    p.add_argument("--pop-smoothing", type=float, default=None, help="popularity row computed here "
+                   "(when R/ctr/popularity is missing): train_ctr.item_click_rates with this "
+                   "smoothing (default: train_ctr's)")
     p.add_argument("--n-examples", type=int, default=10, help="test samples shown in the report")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = p.parse_args(argv)
@@ -67,32 +68,7 @@ def parse_args(argv=None):
     return args
 
 
-# ---- algorithm: CTR metrics ----------------------------------------------------------------
-def auc(y, p) -> float:
-    """ROC AUC (scikit-learn); nan when only one class is present."""
-    y = np.asarray(y)
-    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
-
-
-def logloss(y, p) -> float:
-    return float(log_loss(y, np.clip(np.asarray(p, float), 1e-7, 1 - 1e-7), labels=[0, 1]))
-
-
-def gauc(y, p, uids) -> float:
-    """Per-user AUC weighted by the user's number of samples, over users with both classes
-    (the DIN paper's gAUC); nan when no user has both classes."""
-    groups = defaultdict(list)
-    for i, u in enumerate(uids):
-        groups[u].append(i)
-    num = den = 0.0
-    y, p = np.asarray(y), np.asarray(p)
-    for idx in groups.values():
-        a = auc(y[idx], p[idx])
-        if not math.isnan(a):
-            num, den = num + a * len(idx), den + len(idx)
-    return num / den if den else float("nan")
-
-
+# ---- algorithm: CTR metrics (auc, logloss, gauc: metrics.py) -------------------------------
 def ece(y, p, bins=10) -> float:
     """Expected calibration error over equal-width probability bins."""
     y, p = np.asarray(y, float), np.asarray(p, float)
@@ -306,8 +282,15 @@ class PhraseIndex:
                 for n in sorted(self.lens.get(w, ())) if tuple(toks[i:i + n]) in self.keys]
 
 
+# [ours] a title-like span: two or more capitalised words (or numbers), small function words
+# allowed between them ("Lost City of the Ancients"); one capitalised word is a sentence start
+TITLE_GLUE = {"of", "the", "and", "in", "a", "an", "on", "to", "for", "with", "at"}
+TITLE_SPAN = re.compile(r"\b(?:[A-Z][\w'-]*|\d+)(?:\s+(?:(?:" + "|".join(sorted(TITLE_GLUE)) +
+                        r")\s+)*(?:[A-Z][\w'-]*|\d+))+")
+
+
 class Grounder:
-    """Grounding / hallucination / cause checks of one explanation against its sample."""
+    """Grounding / hallucination / invented-title / cause checks of one explanation."""
 
     def __init__(self, items: dict, min_title_chars: int, min_ground_chars: int):
         self.key = {iid: title_key(it["title"]) for iid, it in items.items()}
@@ -321,6 +304,21 @@ class Grounder:
             for k in genre_keys(g):
                 self.genre_of[k] = g
         self.genre_index = PhraseIndex(self.genre_of)
+        self.all_titles = [k for k in self.key.values() if k]  # the whole catalogue
+
+    def invented(self, text: str) -> bool:
+        """A title-like span that is no catalogue title, no part of one and contains none (after
+        title_key normalisation), and is not only genre words: an invented title."""
+        def within(a, b):  # token sequence a occurs inside b
+            return any(b[i:i + len(a)] == a for i in range(len(b) - len(a) + 1))
+        generic = {w for k in self.genre_of for w in k} | TITLE_GLUE | {"user", "i"}
+        for m in TITLE_SPAN.finditer(text):
+            k = title_key(m.group(0))
+            if not k or set(k) <= generic:
+                continue
+            if not any(within(k, t) or within(t, k) for t in self.all_titles):
+                return True
+        return False
 
     def check(self, sample: dict, text: str) -> dict:
         toks = norm_tokens(text)
@@ -343,6 +341,7 @@ class Grounder:
         return {"target": any(k == target and ok(k) for _, _, k in spans),
                 "history": any(k in hist and ok(k) for _, _, k in spans),
                 "genre": bool(named & genres), "halluc": halluc, "named_genres": named,
+                "invented": self.invented(text),
                 "cause": bool(free(PhraseIndex(genre_keys(cause)))) if cause else None}
 
 
@@ -453,15 +452,6 @@ def read_preds(path: Path, test, cols=("p",)) -> dict:
     return out
 
 
-def popularity_from_train(train, test, m: float) -> np.ndarray:
-    g = np.mean([s["label"] for s in train])
-    pos, cnt = defaultdict(float), defaultdict(float)
-    for s in train:
-        pos[s["iid"]] += s["label"]
-        cnt[s["iid"]] += 1
-    return np.array([(pos[s["iid"]] + m * g) / (cnt[s["iid"]] + m) for s in test])
-
-
 def resolve_tags(paths: RunPaths, args, run_info: dict):
     iter_no = lambda name: int(m.group(1)) if (m := re.search(r"iter_(\d+)$", name)) else -1
     final = args.final_tag or run_info.get("final_tag")
@@ -528,9 +518,12 @@ def ctr_table(paths, test, train, spec, args):
                 notes.append(f"{name}: {r['n_extra']} rows of {path.name} are not test samples "
                              "(ignored)")
         elif name == "popularity" and train is not None:
-            preds[name] = popularity_from_train(train, test, args.pop_prior)
+            import train_ctr
+            a = train_ctr.POP_SMOOTHING if args.pop_smoothing is None else args.pop_smoothing
+            rates, prior = train_ctr.item_click_rates(train, a)
+            preds[name] = np.array([rates.get(s["iid"], prior) for s in test])
             notes.append("popularity: computed here from data/train.jsonl "
-                         f"(item positive rate, prior m={args.pop_prior:g})")
+                         f"(train_ctr.item_click_rates, smoothing {a:g})")
     mask = np.ones(len(test), bool)
     for name, p in preds.items():
         cov = np.isfinite(p)
@@ -596,7 +589,7 @@ EXPL_KEYS = ["n", "auc_with_expl", "auc_shuffled", "shuffle_auc_drop", "shuffle_
              "shuffle_auc_drop_p", "n_shuffles", "probe_auc", "stance_agreement",
              "stance_agreement_clear", "stance_clear", "stance_label_agreement", "grounding",
              "grounding_target", "grounding_history", "grounding_genre", "hallucination",
-             "distinct_1", "distinct_2", "usr", "mean_words", "cause_recall"]
+             "invented_title", "distinct_1", "distinct_2", "usr", "mean_words", "cause_recall"]
 
 
 def prompt_echo(sample: dict, items: dict) -> str:
@@ -644,6 +637,7 @@ def text_metrics(res, texts, idx, y, test, valid_pairs, items, pred, args, tag):
         put("grounding_history", [c["history"] for c in checks], ci=False)
         put("grounding_genre", [c["genre"] for c in checks], ci=False)
         put("hallucination", [c["halluc"] for c in checks])
+        put("invented_title", [c["invented"] for c in checks])
         causes = [c["cause"] for c in checks if c["cause"] is not None]
         res["cause_recall"] = float(np.mean(causes)) if causes else None
     else:
@@ -878,6 +872,7 @@ EXPL_ROWS = [("shuffle_auc_drop", "faithfulness: scorer AUC minus AUC with shuff
              ("grounding_history", "names a history title"),
              ("grounding_genre", "names a target/history genre"),
              ("hallucination", "names a catalogue title that is neither target nor history"),
+             ("invented_title", "names a title-like span (2+ capitalised words) matching no catalogue title"),
              ("distinct_1", "unique unigrams / unigrams"), ("distinct_2", "unique bigrams / bigrams"),
              ("usr", "unique explanations / explanations"), ("mean_words", "words per explanation"),
              ("cause_recall", "synthetic: names the planted cause genre"), ("n", "explanations")]
@@ -943,7 +938,9 @@ def report_md(m, examples, plots, plot_note, ppo) -> str:
     L += ["- grounding/hallucination match titles case-insensitively after dropping parenthetical "
           "parts (year, alternative titles) and a leading/trailing article; hallucination only "
           f"catches titles of data/items.jsonl of >= {m['min_title_chars']} characters (shorter ones "
-          "such as 'Heat' are ordinary words), never invented titles",
+          "such as 'Heat' are ordinary words); invented_title flags a span of two or more capitalised "
+          "words (function words allowed between them) that is no catalogue title, contains none "
+          "and is part of none, and is not only genre words",
           "- stance rules [ours]:"] + [f"  - {r}" for r in STANCE_RULES]
     cc = m.get("cause_choice") or {}
     if cc:

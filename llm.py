@@ -602,6 +602,16 @@ class LLM:
             out[idx] = self._yes_no(h[torch.arange(len(suf)), smask.sum(1) - 1]).float().cpu()
         return out
 
+    def scorer_logprobs(self, prompts: list[str], expls: list[str | None], targets: list[str | None],
+                        batch_size: int, desc: str = "score") -> torch.Tensor:
+        """The LLM-CTR scorer's one pass (PAPER_NOTES §2): [n,2] fp32 log p(' Yes'), log p(' No')
+        for scorer input i = prompt i + explanation i (None: none) + the question naming target i,
+        adapter `scorer` (and its answer head) active. Inputs that share a prompt share its
+        forward (prefix KV reuse). p(click) and r_LC are one line each on top of it."""
+        seqs = [self.scorer_ids(p, e, t) for p, e, t in zip(prompts, expls, targets)]
+        with self.use("scorer"):
+            return self.answer_logprobs_grouped(seqs, prompts, batch_size, desc)
+
     @torch.inference_mode()
     def completion_logprobs_grouped(self, prompts: list[list[int]], completions: list[list[int]],
                                     batch_size: int, temperature: float = 1.0,

@@ -25,15 +25,16 @@ Predict mode (--predict TAGS --split SPLITS), step 8 of the schedule in run.sh:
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 import common
 import llm
+from metrics import auc
 from common import ExpCTRError, RunPaths
 
 
@@ -101,18 +102,13 @@ def predict_p(bundle: llm.LLM, prompts: list[str], variants: list[list[str | Non
               batch: int, targets: list[str] | None = None) -> np.ndarray:
     """p(click) = exp(log p(Yes)) of each prompt under each variant of explanations ([v][i]:
     variant v's explanation of prompt i, None = no text) -> [n_variants, n]; targets[i] = the
-    target as the question names it (common.target_text). All variants of a prompt share its
-    forward pass (prefix KV reuse, llm.answer_logprobs_grouped)."""
-    targets = targets or [None] * len(prompts)
-    seqs = [bundle.scorer_ids(p, v[i], targets[i]) for i, p in enumerate(prompts) for v in variants]
-    keys = [i for i in range(len(prompts)) for _ in variants]
-    with bundle.use("scorer"):
-        lp = bundle.answer_logprobs_grouped(seqs, keys, batch)
-    return lp[:, 0].exp().numpy().astype(np.float64).reshape(len(prompts), len(variants)).T
-
-
-def auc(labels, p) -> float | None:
-    return float(roc_auc_score(labels, p)) if len(set(labels)) == 2 else None
+    target as the question names it (common.target_text). One scorer pass (llm.scorer_logprobs):
+    all variants of a prompt share its forward."""
+    n, targets = len(prompts), targets or [None] * len(prompts)
+    lp = bundle.scorer_logprobs([p for p in prompts for _ in variants],
+                                [v[i] for i in range(n) for v in variants],
+                                [t for t in targets for _ in variants], batch)
+    return lp[:, 0].exp().numpy().astype(np.float64).reshape(n, len(variants)).T
 
 
 # ---- plumbing: inputs ---------------------------------------------------------------------
@@ -234,7 +230,7 @@ def train(args, paths: RunPaths, model: str):
         history.append(row)
         print(f"[stage1] epoch {epoch}: loss {row['loss']:.4f}, valid AUC with expl {auc_e}, "
               f"without {auc_n}, {row['tokens_per_s']} train tokens/s")
-        score = auc_e if auc_e is not None else -epoch  # single-class valid: keep the last epoch
+        score = -epoch if math.isnan(auc_e) else auc_e  # single-class valid: keep the last epoch
         if stopper.step(score):
             best_state = [q.detach().clone() for q in params]
             best_row = row
@@ -302,7 +298,7 @@ def predict(args, paths: RunPaths, model: str):
                  "p_shuffled": [float(x[i]) for x in p_sh] if p_sh else None}
                 for i, r in enumerate(rows)))
             a = auc(labels, p)
-            a_sh = float(np.mean([auc(labels, x) for x in p_sh])) if p_sh and a is not None else None
+            a_sh = float(np.mean([auc(labels, x) for x in p_sh])) if p_sh else None
             common.log_metrics(paths.metrics, "stage1_sft", mode="predict", split=split, tag=tag,
                                auc=a, auc_shuffled_mean=a_sh, n_shuffles=len(p_sh), n=len(rows),
                                seconds=round((time.time() - t0) / len(tags_s), 1))

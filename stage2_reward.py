@@ -105,17 +105,13 @@ def label_logprob(p_click: np.ndarray, labels: np.ndarray, eps: float = 1e-6) ->
     return np.where(labels == 1, np.log(p), np.log1p(-p))
 
 
-@torch.inference_mode()
 def lc_reward(bundle: llm.LLM, prompts: list[str], expls: list[str], labels: list[int],
               batch: int, targets: list[str] | None = None) -> np.ndarray:
-    """r_LC = log p_scorer(true label | prompt, explanation), scorer adapter active (targets: the
-    target as the scorer's question names it). The K explanations of a prompt share its forward
-    pass (prefix KV reuse, llm.answer_logprobs_grouped)."""
-    targets = targets or [None] * len(prompts)
-    seqs = [bundle.scorer_ids(p, e, t) for p, e, t in zip(prompts, expls, targets)]
-    with bundle.use("scorer"):
-        lp = bundle.answer_logprobs_grouped(seqs, prompts, batch).numpy().astype(np.float64)
-    return np.where(np.asarray(labels) == 1, lp[:, 0], lp[:, 1])
+    """r_LC = log p_scorer(true label | prompt, explanation) (targets: the target as the scorer's
+    question names it); one scorer pass (llm.scorer_logprobs), the K explanations of a prompt
+    sharing its forward."""
+    lp = bundle.scorer_logprobs(prompts, expls, targets or [None] * len(prompts), batch)
+    return np.where(np.asarray(labels) == 1, lp[:, 0], lp[:, 1]).astype(np.float64)
 
 
 def ic_reward(aug_dir: str, samples: list[dict], emb: np.ndarray) -> np.ndarray:

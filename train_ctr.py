@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from sklearn.metrics import log_loss, roc_auc_score
 from tqdm import tqdm
 
 import common
+import metrics
 from common import ExpCTRError, RunPaths
 
 MODELS = ("deepfm", "dcnv2", "din", "popularity", "logreg")
@@ -60,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.1, help="dropout in the MLP tower")
     p.add_argument("--patience", type=int, default=3,
                    help="stop after this many epochs in a row without a better valid AUC")
-    p.add_argument("--smoothing", type=float, default=20.0,
+    p.add_argument("--smoothing", type=float, default=POP_SMOOTHING,
                    help="popularity: pseudo-count pulling an item's rate to the global rate")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads")
@@ -71,25 +72,8 @@ def parse_args(argv=None):
 
 # ---- plumbing: metrics ----------------------------------------------------------------------
 def evaluate_predictions(labels, probs, uids) -> dict:
-    """AUC, LogLoss (sklearn), gAUC = impression-weighted mean per-user AUC over users having
-    both labels, n. AUC is NaN when only one label is present."""
-    y = np.asarray(labels, dtype=np.int64)
-    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
-    u = np.asarray(uids)
-    both = len(np.unique(y)) == 2
-    out = {"auc": float(roc_auc_score(y, p)) if both else float("nan"),
-           "logloss": float(log_loss(y, p, labels=[0, 1])) if len(y) else float("nan")}
-    num = den = 0.0
-    order = np.argsort(u, kind="stable")
-    us, starts = np.unique(u[order], return_index=True)
-    for a, b in zip(starts, list(starts[1:]) + [len(u)]):
-        idx = order[a:b]
-        if 0 < y[idx].sum() < len(idx):
-            num += len(idx) * roc_auc_score(y[idx], p[idx])
-            den += len(idx)
-    out["gauc"] = float(num / den) if den else float("nan")
-    out["n"] = int(len(y))
-    return out
+    """AUC, LogLoss, gAUC and n of one split (metrics.ctr_metrics; AUC NaN with one label)."""
+    return metrics.ctr_metrics(labels, probs, uids)
 
 
 # ---- plumbing: features (vocabulary from train only; index 0 = unknown / padding) -----------
@@ -307,25 +291,35 @@ def onehot(samples, vocab):
     return X
 
 
+POP_SMOOTHING = 20.0  # [ours] pseudo-samples at the global rate added to every item's count
+
+
+def item_click_rates(train: list[dict], smoothing: float) -> tuple[dict, float]:
+    """The popularity baseline, defined once (evaluate.py's fallback row uses it too): each
+    item's training click rate (pos + a * global) / (count + a) with a = smoothing; items not in
+    train get the global rate. Returns ({iid: rate}, global rate)."""
+    prior = float(np.mean([s["label"] for s in train]))
+    pos, cnt = defaultdict(float), defaultdict(float)
+    for s in train:
+        pos[s["iid"]] += s["label"]
+        cnt[s["iid"]] += 1
+    return {i: (pos[i] + smoothing * prior) / (cnt[i] + smoothing) for i in cnt}, prior
+
+
 def fit_baseline(args, data, vocab, cfg):
     train = data["train"]
     if args.model == "popularity":
-        y = np.array([s["label"] for s in train]); prior = float(y.mean())
-        pos, cnt = {}, {}
-        for s in train:
-            pos[s["iid"]] = pos.get(s["iid"], 0) + s["label"]; cnt[s["iid"]] = cnt.get(s["iid"], 0) + 1
-        a = args.smoothing
-        cfg["prior"] = prior
-        return {"rate": {i: (pos[i] + a * prior) / (cnt[i] + a) for i in cnt}}, 0
+        rates, cfg["prior"] = item_click_rates(train, args.smoothing)
+        return {"rate": rates}, 0
     from sklearn.linear_model import LogisticRegression
     X, y = onehot(train, vocab), np.array([s["label"] for s in train])
     Xv, yv = onehot(data["valid"], vocab), np.array([s["label"] for s in data["valid"]])
     best = None  # [ours] C chosen on valid AUC from a small grid
     for C in tqdm([0.01, 0.1, 1.0], desc="logreg C", disable=None):
         clf = LogisticRegression(C=C, max_iter=2000).fit(X, y)
-        auc = roc_auc_score(yv, clf.predict_proba(Xv)[:, 1])
-        if best is None or auc > best[0]:
-            best = (auc, C, clf)
+        a = metrics.auc(yv, clf.predict_proba(Xv)[:, 1])
+        if best is None or a > best[0]:
+            best = (a, C, clf)
     cfg["C"] = best[1]
     return {"coef": torch.from_numpy(best[2].coef_[0].astype(np.float64)),
             "intercept": torch.tensor(float(best[2].intercept_[0]))}, 0

@@ -67,6 +67,8 @@ FAULTS = [
   "tests/test_llm_stages.py::test_answer_head_starts_at_the_untuned_answer_is_saved_and_only_the_scorer_uses_it"),
  ("answer_layer_not_truncated", "llm.py", "        cfg.num_hidden_layers = self.depth.get(name, self.n_layers)\n", "        cfg.num_hidden_layers = self.n_layers\n",
   "tests/test_llm_stages.py::test_answer_layer_runs_only_the_layers_below_it_and_is_saved"),
+ ("invented_title_never", "evaluate.py", "                \"invented\": self.invented(text),", "                \"invented\": False,",
+  "tests/test_evaluate.py::test_invented_titles_are_title_like_spans_matching_no_catalogue_title"),
 ]
 only = sys.argv[1:]
 bad = 0

@@ -400,3 +400,17 @@ def test_smoke_run_metrics_have_every_key(smoke_run_dir):
         assert set(m["explanations"][src]) >= set(EXPL_KEYS), src
         assert m["explanations"][src]["status"] == "ok"
     assert (Path(smoke_run_dir) / "eval" / "report.md").exists()
+
+
+@pytest.mark.parametrize("text, invented", [
+    ("The user would view Toy Story as a comedy.", False),           # catalogue title
+    ("They liked The Usual Suspects and Toy Story 2.", False),        # catalogue titles
+    ("Fans of Sense and Sensibility will like it.", False),          # function word inside
+    ("The user would like the Lost City of the Ancients.", True),    # no such title
+    ("A fan of Crime and Romance films will enjoy it.", False),      # genre words only
+    ("The user would view it as a Star Wars Holiday Special.", False),  # contains a title
+    ("The user loved Midnight Harbor.", True),
+    ("The user will enjoy it.", False),                              # one capitalised word
+])
+def test_invented_titles_are_title_like_spans_matching_no_catalogue_title(text, invented):
+    assert grounder().check({"iid": "1", "hist": []}, text)["invented"] is invented

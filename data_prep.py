@@ -378,6 +378,9 @@ NOUN = ["Harbor", "Garden", "Empire", "River", "Kingdom", "Letter", "Mountain", 
         "Lantern", "Canyon", "Symphony", "Horizon", "Cathedral", "Desert", "Carnival", "Signal"]
 
 
+SYNTH_BIAS = -0.3  # [ours] the planted click model's intercept (logit units)
+
+
 def make_synthetic(args):
     """Items with titles and 1-2 genres, users with hidden genre tastes, clicks drawn from a
     known logistic model: logit = bias + sum_{g in item} taste[u, g] + quality[i].
@@ -426,7 +429,7 @@ def make_synthetic(args):
         ts = np.sort(rng.integers(t0, t0 + span, n_per[u]))
         for i, t in zip(iids, ts):
             contrib = taste[u, item_g[i]]
-            logit = -0.3 + contrib.sum() + quality[i]
+            logit = SYNTH_BIAS + contrib.sum() + quality[i]
             label = int(rng.random() < 1 / (1 + math.exp(-logit)))
             cause = GENRES[item_g[i][int(np.argmax(np.abs(contrib)))]]
             inter.append((str(u + 1), str(i + 1), int(t), None))
@@ -559,7 +562,8 @@ def main(argv=None):
         labels = [truth[(u, i)][0] for u, i, _, _ in inter]
         extras = {k: {"cause": truth[(u, i)][1]} for k, (u, i, _, _) in enumerate(inter)}
         sources, main_file = [], "synthetic"
-        label_rule = "click ~ Bernoulli(sigmoid(-0.3 + sum of user taste over item genres + quality))"
+        label_rule = (f"click ~ Bernoulli(sigmoid({SYNTH_BIAS} + sum of user taste over item genres "
+                      f"+ quality))")
     else:
         inter, items, users, sources = LOADERS[args.dataset](args)
         main_file = str(sources[0])

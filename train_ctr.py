@@ -35,6 +35,10 @@ import common
 import metrics
 from common import ExpCTRError, RunPaths
 
+EVAL_BATCH = 4096  # samples per forward pass when predicting (no gradients)
+DIN_ATT_WIDTH = 36  # hidden units of DIN's attention MLP (the DIN paper's activation unit: 36)
+POP_SMOOTHING = 20.0  # [ours] pseudo-samples at the global rate added to every item's count
+
 MODELS = ("deepfm", "dcnv2", "din", "popularity", "logreg")
 TORCH_MODELS = ("deepfm", "dcnv2", "din")
 
@@ -97,18 +101,24 @@ def featurize(samples: list[dict], vocab: dict) -> dict[str, torch.Tensor]:
     """All model inputs as tensors, built once per split."""
     n, K, G = len(samples), vocab["hist_len"], vocab["max_genres"]
     uv, iv, ig = vocab["uid"], vocab["iid"], vocab["item_genres"]
-    uid = np.zeros(n, np.int64); iid = np.zeros(n, np.int64); tgen = np.zeros((n, G), np.int64)
-    hid = np.zeros((n, K), np.int64); hlab = np.zeros((n, K), np.int64)
+    uid = np.zeros(n, np.int64)
+    iid = np.zeros(n, np.int64)
+    tgen = np.zeros((n, G), np.int64)
+    hid = np.zeros((n, K), np.int64)
+    hlab = np.zeros((n, K), np.int64)
     hgen = np.zeros((n, K, G), np.int64)
     prof = np.zeros((n, max(1, len(vocab["user_fields"]))), np.int64)
     for r, s in enumerate(samples):
-        uid[r] = uv.get(s["uid"], 0); iid[r] = iv.get(s["iid"], 0)
-        g = ig.get(s["iid"], [])[:G]; tgen[r, :len(g)] = g
+        uid[r] = uv.get(s["uid"], 0)
+        iid[r] = iv.get(s["iid"], 0)
+        g = ig.get(s["iid"], [])[:G]
+        tgen[r, :len(g)] = g
         hist = s["hist"][-K:]
         for j, (h, lab) in enumerate(hist):
             hid[r, j] = iv.get(h, 0)
             hlab[r, j] = 2 if lab == 1 else 1  # 0 pad, 1 disliked, 2 liked
-            g = ig.get(h, [])[:G]; hgen[r, j, :len(g)] = g
+            g = ig.get(h, [])[:G]
+            hgen[r, j, :len(g)] = g
         user = s.get("user", {})
         for f, name in enumerate(vocab["user_fields"]):
             prof[r, f] = vocab["field"][name].get(str(user.get(name, "")), 0)
@@ -173,12 +183,14 @@ class CTRNet(nn.Module):
         hidden = [int(h) for h in c["mlp"].split(",") if h]
         if c["model"] == "din":
             # [ours] DIN attention unit on [q, k, q-k, q*k, sign]; query/key = item + genre mean
-            self.att = nn.Sequential(nn.Linear(5 * d, 36), nn.PReLU(), nn.Linear(36, 1))
+            self.att = nn.Sequential(nn.Linear(5 * d, DIN_ATT_WIDTH), nn.PReLU(),
+                                     nn.Linear(DIN_ATT_WIDTH, 1))
         if c["model"] == "deepfm":
             self.lin_user = nn.Embedding(c["n_uid"] + 1, 1)
             self.lin_item = nn.Embedding(c["n_iid"] + 1, 1)
             self.lin_genre = nn.Embedding(c["n_genre"] + 1, 1, padding_idx=0)
-            nn.init.zeros_(self.lin_user.weight); nn.init.zeros_(self.lin_item.weight)
+            nn.init.zeros_(self.lin_user.weight)
+            nn.init.zeros_(self.lin_item.weight)
         if c["model"] == "dcnv2":  # [ours] 3 full-rank cross layers, parallel to the deep tower
             self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(3))
         self.deep = mlp([width] + hidden, c["dropout"])
@@ -236,7 +248,7 @@ class CTRPredictor:
             self.net.eval()
 
     def predict(self, samples: list[dict], text_emb: np.ndarray | None = None,
-                batch_size: int = 4096) -> np.ndarray:
+                batch_size: int = EVAL_BATCH) -> np.ndarray:
         if self.text_dim and (text_emb is None or np.shape(text_emb) != (len(samples), self.text_dim)):
             raise ExpCTRError(f"{self.model_name}: expected text_emb of shape "
                               f"({len(samples)}, {self.text_dim}), got "
@@ -257,7 +269,7 @@ class CTRPredictor:
 
 
 @torch.no_grad()
-def predict_net(net, feats, text, batch_size) -> np.ndarray:
+def predict_net(net, feats, text, batch_size: int = EVAL_BATCH) -> np.ndarray:
     net.eval()
     n, out = len(feats["uid"]), []
     for a in range(0, n, batch_size):
@@ -283,15 +295,14 @@ def onehot(samples, vocab):
     nu, ni = len(vocab["uid"]) + 1, len(vocab["iid"]) + 1
     rows, cols = [], []
     for r, s in enumerate(samples):
-        rows += [r, r]; cols += [vocab["uid"].get(s["uid"], 0), nu + vocab["iid"].get(s["iid"], 0)]
+        rows += [r, r]
+        cols += [vocab["uid"].get(s["uid"], 0), nu + vocab["iid"].get(s["iid"], 0)]
         for g in vocab["item_genres"].get(s["iid"], []):
-            rows.append(r); cols.append(nu + ni + g)
+            rows.append(r)
+            cols.append(nu + ni + g)
     X = sp.csr_matrix((np.ones(len(rows)), (rows, cols)),
                       shape=(len(samples), nu + ni + len(vocab["genre"]) + 1))
     return X
-
-
-POP_SMOOTHING = 20.0  # [ours] pseudo-samples at the global rate added to every item's count
 
 
 def item_click_rates(train: list[dict], smoothing: float) -> tuple[dict, float]:
@@ -310,7 +321,7 @@ def fit_baseline(args, data, vocab, cfg):
     train = data["train"]
     if args.model == "popularity":
         rates, cfg["prior"] = item_click_rates(train, args.smoothing)
-        return {"rate": rates}, 0
+        return {"rate": rates}
     from sklearn.linear_model import LogisticRegression
     X, y = onehot(train, vocab), np.array([s["label"] for s in train])
     Xv, yv = onehot(data["valid"], vocab), np.array([s["label"] for s in data["valid"]])
@@ -322,7 +333,7 @@ def fit_baseline(args, data, vocab, cfg):
             best = (a, C, clf)
     cfg["C"] = best[1]
     return {"coef": torch.from_numpy(best[2].coef_[0].astype(np.float64)),
-            "intercept": torch.tensor(float(best[2].intercept_[0]))}, 0
+            "intercept": torch.tensor(float(best[2].intercept_[0]))}
 
 
 def warm_start(net: CTRNet, old: dict, cfg: dict) -> int:
@@ -333,7 +344,8 @@ def warm_start(net: CTRNet, old: dict, cfg: dict) -> int:
     weights in their ID block and their fresh random init in the text block, so the gradient
     reaching the projection is not zero."""
     own, d = net.state_dict(), cfg["emb_dim"]
-    w_new = own["deep.0.weight"].shape[1]; w_old = w_new - (d if cfg["text_dim"] else 0)
+    w_new = own["deep.0.weight"].shape[1]
+    w_old = w_new - (d if cfg["text_dim"] else 0)
     n = 0
     if cfg["text_dim"]:
         own["text_proj.1.weight"].zero_()
@@ -347,14 +359,19 @@ def warm_start(net: CTRNet, old: dict, cfg: dict) -> int:
         elif k == "deep.0.weight":
             t[:v.shape[0], :v.shape[1]] = v
         elif k.startswith("cross.") and k.endswith("weight"):
-            t.zero_(); t[:v.shape[0], :v.shape[1]] = v
+            t.zero_()
+            t[:v.shape[0], :v.shape[1]] = v
         elif k.startswith("cross.") and k.endswith("bias"):
-            t.zero_(); t[:v.shape[0]] = v
+            t.zero_()
+            t[:v.shape[0]] = v
         elif k == "out.weight" and cfg["model"] == "dcnv2":  # inputs: [cross out | deep out]
-            t.zero_(); t[:, :w_old] = v[:, :w_old]; t[:, w_new:] = v[:, w_old:]
+            t.zero_()
+            t[:, :w_old] = v[:, :w_old]
+            t[:, w_new:] = v[:, w_old:]
         else:
             continue
-        own[k] = t; n += 1
+        own[k] = t
+        n += 1
     net.load_state_dict(own)
     return n
 
@@ -369,13 +386,14 @@ def train_net(args, data, vocab, cfg, text, paths, out_name):
         print(f"[train_ctr] warm start: {n}/{len(net.state_dict())} tensors from {args.init_from}")
     feats = {s: featurize(data[s], vocab) for s in ("train", "valid")}
     y = torch.tensor([s["label"] for s in data["train"]], dtype=torch.float32)
-    yv = [s["label"] for s in data["valid"]]; uv = [s["uid"] for s in data["valid"]]
+    yv = [s["label"] for s in data["valid"]]
+    uv = [s["uid"] for s in data["valid"]]
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)  # seeded batch order
     n = len(y)
     stopper, best_state, epoch, best_epoch = common.EarlyStopping(args.patience), None, 0, 0
     if args.init_from:  # [ours] the warm start itself is a candidate: fine-tuning on a small
-        pv = predict_net(net, feats["valid"], text["valid"], 4096)  # split may only make it worse
+        pv = predict_net(net, feats["valid"], text["valid"])  # split may only make it worse
         stopper.step(evaluate_predictions(yv, pv, uv)["auc"])
         best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         print(f"[train_ctr] {out_name} epoch 0 (warm start): valid AUC {stopper.best:.4f}")
@@ -389,9 +407,11 @@ def train_net(args, data, vocab, cfg, text, paths, out_name):
             b = {k: v[idx] for k, v in feats["train"].items()}
             logit = net(b, None if text["train"] is None else text["train"][idx])
             loss = nn.functional.binary_cross_entropy_with_logits(logit, y[idx])
-            opt.zero_grad(); loss.backward(); opt.step()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
             total += loss.item() * len(idx)
-        pv = predict_net(net, feats["valid"], text["valid"], 4096)
+        pv = predict_net(net, feats["valid"], text["valid"])
         m = evaluate_predictions(yv, pv, uv)
         common.log_metrics(paths.metrics, stage="train_ctr", model=out_name, epoch=epoch,
                            train_loss=round(total / n, 6), valid_auc=round(m["auc"], 6),
@@ -467,7 +487,7 @@ def main(argv=None):
     elif args.model in TORCH_MODELS:
         net, state, best_epoch, epochs_run = train_net(args, data, vocab, cfg, text, paths, out_name)
     else:
-        state, _ = fit_baseline(args, data, vocab, cfg)
+        state = fit_baseline(args, data, vocab, cfg)
     train_seconds = time.time() - t0
     ckpt = {"config": cfg, "vocab": vocab, "state_dict": state}
     pred = CTRPredictor(ckpt)

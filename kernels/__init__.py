@@ -1,6 +1,6 @@
 """Fused selected-token log-probs: log p(target) (and entropy) without materialising [N, V] logits.
 
-Used by every reward / PPO step (issue 4): the scorer's Yes/No answer, each explanation token
+Used by every reward / PPO step: the scorer's Yes/No answer, each explanation token
 under the explainer and the reference model. The plain way (lm_head -> log_softmax -> gather)
 holds [N, V] twice; with V = 49,152 (SmolLM2) and a few thousand tokens that is gigabytes.
 

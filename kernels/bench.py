@@ -1,4 +1,4 @@
-"""Benchmark: peak memory and time of selected-token log-probs, naive vs row-loop vs ours (issue 4).
+"""Benchmark: peak memory and time of selected-token log-probs, naive vs row-loop vs ours.
 
 Three ways to get log p(target) from hidden states [N, H] and an lm_head [V, H]:
   naive    logits = lm_head(h) -> log_softmax -> gather             (holds [N, V] twice)

@@ -1,5 +1,5 @@
-"""Where one PPO iteration's rollout time goes, and what prefix KV reuse saves (issue: make it
-affordable). Side by side in one process, alternating, same prompts, same seed:
+"""Where one PPO iteration's rollout time goes, and what prefix KV reuse saves.
+Side by side in one process, alternating, same prompts, same seed:
   before = every sequence runs its own forward pass (llm.LLM.share_prefix = False),
   after  = a prompt's forward runs once for its K samples (generation prefill, r_LC scoring,
            logp_old, logp_ref) and once for all scorer variants of a prompt.

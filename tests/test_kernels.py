@@ -1,4 +1,4 @@
-"""Tests for kernels/ (issue 4): fused selected-token log-probs, torch twin, Triton kernels, dispatch.
+"""Tests for kernels/: fused selected-token log-probs, torch twin, Triton kernels, dispatch.
 
 Everything is checked against a float64 reference (log_softmax + gather on full logits), values
 and gradients (hidden, weight, bias), with random upstream gradients so per-row scaling matters.

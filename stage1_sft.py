@@ -44,7 +44,8 @@ def parse_args(argv=None):
     llm.add_model_args(p)  # --model, --dtype, --device, --threads
     p.add_argument("--seed", type=int, default=0, help="seed of shuffling, dropout, LoRA init")
     p.add_argument("--expl-tag", default="base",
-                   help="explanations the scorer trains on: R/explanations/<tag>/ [ours: base]")
+                   help="explanations the scorer trains on: R/explanations/<tag>/ [ours: base]; "
+                        "none = no explanations at all (the scorer alone, e.g. a learning curve)")
     p.add_argument("--epochs", type=int, default=3, help="maximum epochs")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (TALLRec: 1e-4)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -138,8 +139,11 @@ def train(args, paths: RunPaths, model: str):
     items, style = common.load_items(paths), common.prompt_style(paths)
     tr_rows = common.load_split(paths, "train")
     va_rows = common.load_split(paths, "valid")
-    tr_ex = load_explanations(paths, args.expl_tag, "train", tr_rows)
-    va_ex = load_explanations(paths, args.expl_tag, "valid", va_rows)
+    if args.expl_tag == "none":  # the scorer alone (TALLRec): every sample without explanation
+        tr_ex, va_ex = ([{"explanation": None}] * len(rows) for rows in (tr_rows, va_rows))
+    else:
+        tr_ex = load_explanations(paths, args.expl_tag, "train", tr_rows)
+        va_ex = load_explanations(paths, args.expl_tag, "valid", va_rows)
     if args.max_train:
         tr_rows, tr_ex = tr_rows[:args.max_train], tr_ex[:args.max_train]
     common.set_seed(args.seed)

@@ -11,6 +11,7 @@ import torch
 import common
 import data_prep
 import llm
+import metrics
 import stage1_sft
 import stage2_reward
 import stage3_rl
@@ -500,3 +501,26 @@ def test_answer_layer_runs_only_the_layers_below_it_and_is_saved(tmp_path):
         assert torch.allclose(b2.answer_logprobs(seqs), by_hand, atol=1e-5)
     with pytest.raises(ExpCTRError, match="answer layer"):
         llm.LLM("tiny", "float32").attach({"scorer": None}, answer_layer=3)
+
+
+def test_sft_on_cached_lower_layers_saves_a_scorer_that_predicts_what_training_measured(tiny_run, tmp_path):
+    """stage1_sft with --lora-layers, --answer-layer and a trained answer head (valid scored from
+    the cached lower-layer states) and --expl-tag none: the saved scorer, reloaded and run through
+    the full forward of predict mode, gives the valid AUC that training logged."""
+    d = copy_run(tiny_run, tmp_path / "run")
+    P = RunPaths(d)
+    shutil.rmtree(P.scorer)
+    stage1_sft.main(["--run-dir", str(d), "--model", "tiny", "--dtype", "float32", "--epochs", "2",
+                     "--batch-size", "4", "--lr", "1e-2", "--expl-tag", "none", "--lora-targets",
+                     "all", "--answer-layer", "1", "--lora-layers", "1", "--answer-head", "trained",
+                     "--eval-every", "1"])
+    m = common.read_json(P.scorer / "metrics.json")
+    assert m["answer_layer"] == 1 and (P.scorer / llm.ANSWER_HEAD_FILE).exists()
+    assert m["valid_auc_with_expl"] == m["valid_auc_no_expl"]  # no explanations anywhere
+    curve = [r for r in common.read_jsonl(P.metrics) if r["stage"] == "stage1_sft_curve"]
+    assert curve and [r["samples"] for r in curve] == sorted(r["samples"] for r in curve)
+    stage1_sft.main(["--run-dir", str(d), "--model", "tiny", "--dtype", "float32",
+                     "--predict", "none", "--split", "valid"])
+    rows = common.read_jsonl(P.scorer / "preds_valid_none.jsonl")
+    got = metrics.auc([r["label"] for r in rows], [r["p"] for r in rows])
+    assert abs(got - m["valid_auc_no_expl"]) < 1e-9

@@ -460,6 +460,9 @@ def test_answer_head_starts_at_the_untuned_answer_is_saved_and_only_the_scorer_u
             grouped = b.answer_logprobs_grouped(seqs, [0, 1], 4)
         with b.use(None):
             reference = b.answer_logprobs(seqs)
+        with b.use("scorer"):  # the scorer's answer is the head's 2-way softmax
+            by_hand = torch.log_softmax(b.heads["scorer"](b.hidden(seqs)[0][:, -1].float()), -1)
+    assert torch.allclose(trained, by_hand, atol=1e-5)
     assert torch.allclose(trained, grouped, atol=2e-5)
     assert (trained - reference).abs().max() > 0.05  # the head changes the scorer's answer ...
     b.save_adapter("scorer", tmp_path / "s")

@@ -305,16 +305,16 @@ class Grounder:
                 self.genre_of[k] = g
         self.genre_index = PhraseIndex(self.genre_of)
         self.all_titles = [k for k in self.key.values() if k]  # the whole catalogue
+        self.generic = {w for k in self.genre_of for w in k} | TITLE_GLUE | {"user", "i"}
 
     def invented(self, text: str) -> bool:
         """A title-like span that is no catalogue title, no part of one and contains none (after
         title_key normalisation), and is not only genre words: an invented title."""
         def within(a, b):  # token sequence a occurs inside b
             return any(b[i:i + len(a)] == a for i in range(len(b) - len(a) + 1))
-        generic = {w for k in self.genre_of for w in k} | TITLE_GLUE | {"user", "i"}
         for m in TITLE_SPAN.finditer(text):
             k = title_key(m.group(0))
-            if not k or set(k) <= generic:
+            if not k or set(k) <= self.generic:
                 continue
             if not any(within(k, t) or within(t, k) for t in self.all_titles):
                 return True

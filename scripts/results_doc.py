@@ -81,6 +81,7 @@ def main():
         L += ["## Our reading", "", Path(a.reading).read_text().strip(), ""]
     if a.bench:
         L += bench_table(Path(a.bench))
+    logged = common.read_jsonl(R / "metrics.jsonl")
     sc = R / "scorer" / "metrics.json"
     if sc.exists():  # the scorer's learning curve on valid (where its settings were chosen)
         d = common.read_json(sc)
@@ -95,14 +96,14 @@ def main():
         if "answer_head" in d:
             L += [f"Answer head: {d['answer_head']} (lr {d['head_lr']}); the frozen lower layers "
                   f"ran once in {d['lower_layers_seconds']} s.", ""]
-        rows = [r for r in common.read_jsonl(R / "metrics.jsonl") if r["stage"] in
+        rows = [r for r in logged if r["stage"] in
                 ("stage1_sft_curve", "stage1_sft") and "samples" in r]
         if rows:  # the learning curve: valid AUC against training samples seen
             L += ["Learning curve (valid):", "", "| samples seen | train loss (epoch so far) | "
                   "valid AUC with explanation | valid AUC without |", "|---|---|---|---|"]
             L += [f"| {r['samples']} | {r.get('train_loss', r.get('loss')):.4f} | "
                   f"{r['valid_auc_with_expl']:.4f} | {r['valid_auc_no_expl']:.4f} |" for r in rows] + [""]
-    ppo = [r for r in common.read_jsonl(R / "metrics.jsonl") if r["stage"] == "stage3_rl"]
+    ppo = [r for r in logged if r["stage"] == "stage3_rl"]
     if ppo and "reward_std_within_group" in ppo[-1]:  # the size of PPO's learning signal
         last = {r["iter"]: r for r in ppo}
         L += ["## PPO's learning signal (`metrics.jsonl`, stage3_rl rows; training rollouts)", "",

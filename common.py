@@ -283,13 +283,36 @@ def genre_profile(ids: list[str], items: dict[str, dict]) -> str:
 
 
 PROMPT_STYLES = ("items", "genres")
+# The explainer's question, last line of its prompt. "paper" is the paper's; "genres" [ours] asks
+# for a verdict and names the evidence the genre-count prompts show (the planted preset: the
+# untuned model then restates the user's genre profile, which a scorer reading the target and
+# the explanation alone can use; README, "The planted world")
+QUESTIONS = {
+    "paper": "Considering the user's preferences, predict how the user would view {title} and "
+             "give the reason, within one sentence.",
+    "genres": "Considering the genres the user liked and disliked, predict whether the user would "
+              "like {title} and give the reason, within one sentence.",
+}
 
 
-def build_prompt(sample: dict, items: dict[str, dict], style: str = "items") -> str:
-    """The explainer's user message: liked items, disliked items, target item (no label).
-    style "items" (the paper's): each history item by title (year; genres). style "genres" [ours]:
-    the liked and the disliked items summarised as genre counts, a prompt ~2x shorter, for
-    worlds where genres carry the signal (the planted preset); the target keeps its title."""
+def build_prompt(sample: dict, items: dict[str, dict], style: str = "items",
+                 question: str = "paper") -> str:
+    """The explainer's user message: liked items, disliked items, target item (no label), and
+    the question (QUESTIONS). style "items" (the paper's): each history item by title (year;
+    genres). style "genres" [ours]: the liked and the disliked items summarised as genre counts,
+    a prompt ~2x shorter, for worlds where genres carry the signal (the planted preset); the
+    target keeps its title."""
+    if question not in QUESTIONS:
+        raise ExpCTRError(f"question {question!r}: expected one of {', '.join(QUESTIONS)}")
+    target = items.get(sample["iid"])
+    target_name = target["title"] if target else f"item {sample['iid']}"
+    return (history_lines(sample, items, style) + "\n"
+            f"Target item: {describe_item(target, sample['iid'])}.\n"
+            + QUESTIONS[question].format(title=target_name))
+
+
+def history_lines(sample: dict, items: dict[str, dict], style: str = "items") -> str:
+    """The prompt's first two lines: 'The user liked: ....\nThe user disliked: ....'."""
     liked, disliked = split_history(sample)
     if style == "genres":
         fmt = lambda ids: genre_profile(ids, items)
@@ -297,24 +320,33 @@ def build_prompt(sample: dict, items: dict[str, dict], style: str = "items") -> 
         fmt = lambda ids: "; ".join(describe_item(items.get(i), i) for i in ids) or "none"
     else:
         raise ExpCTRError(f"prompt style {style!r}: expected one of {', '.join(PROMPT_STYLES)}")
-    target = items.get(sample["iid"])
-    target_name = target["title"] if target else f"item {sample['iid']}"
-    return (f"The user liked: {fmt(liked)}.\n"
-            f"The user disliked: {fmt(disliked)}.\n"
-            f"Target item: {describe_item(target, sample['iid'])}.\n"
-            f"Considering the user's preferences, predict how the user would view "
-            f"{target_name} and give the reason, within one sentence.")
+    return f"The user liked: {fmt(liked)}.\nThe user disliked: {fmt(disliked)}."
 
 
-def build_scorer_prompt(prompt: str, explanation: str | None, target: str | None = None) -> str:
+SCORER_VIEWS = ("full", "target")
+
+
+def build_scorer_prompt(prompt: str, explanation: str | None, target: str | None = None,
+                        view: str = "full") -> str:
     """The LLM-CTR scorer's user turn (TALLRec-style): prompt, explanation (None = the no-text
     variant), question; its answer follows in the assistant turn (llm.LLM.scorer_ids).
     [ours] The question names the target again (`target` = describe_item of it): a small LM
     matches the target's genres against the history at the target's own tokens (a linear probe
     on frozen SmolLM2-135M reads valid AUC 0.74 there, 0.52-0.60 at a generic question's answer
-    position; README, planted preset), so the answer should come right after them."""
+    position; README, planted preset), so the answer should come right after them.
+    view "target" [ours; the paper has the LLM "predict the CTR from the explanation" and leaves
+    its input open]: with an explanation, the explanation takes the place of the user's history
+    ("Explanation: ...", then the target line), so the history reaches the scorer through the
+    explanation alone and r_LC measures what the explanation says; with none (the LLM-CTR
+    baseline) it reads the full prompt, as in "full"."""
+    if view not in SCORER_VIEWS:
+        raise ExpCTRError(f"scorer view {view!r}: expected one of {', '.join(SCORER_VIEWS)}")
     text = prompt
-    if explanation is not None:
+    if explanation is not None and view == "target":
+        if target is None:
+            raise ExpCTRError("scorer view 'target' needs the target's text")
+        text = f"Explanation: {explanation.strip()}\nTarget item: {target}."
+    elif explanation is not None:
         text += f"\nExplanation: {explanation.strip()}"
     question = SCORER_QUESTION if target is None else SCORER_QUESTION.replace(
         "click?", f"click {target}?")
@@ -326,10 +358,11 @@ def target_text(sample: dict, items: dict[str, dict]) -> str:
     return describe_item(items.get(sample["iid"]), sample["iid"])
 
 
-def prompt_style(paths: RunPaths) -> str:
-    """The run's prompt style (data_prep.py --prompt-style; older runs: items)."""
-    return read_json(paths.require(paths.meta, "python data_prep.py")).get("args", {}).get(
-        "prompt_style", "items")
+def prompt_options(paths: RunPaths) -> dict:
+    """The run's build_prompt options {style, question} (data_prep.py --prompt-style,
+    --question; older runs: items, paper)."""
+    a = read_json(paths.require(paths.meta, "python data_prep.py")).get("args", {})
+    return {"style": a.get("prompt_style", "items"), "question": a.get("question", "paper")}
 
 
 def load_items(paths: RunPaths) -> dict[str, dict]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import unicodedata
 from collections import defaultdict, deque
 from pathlib import Path
 
@@ -41,7 +40,9 @@ from tqdm import tqdm
 
 import common
 from common import ExpCTRError, RunPaths
-from metrics import auc, gauc, logloss  # noqa: F401 (defined once; tests read them here too)
+import explanation_quality as eq
+import report
+from metrics import auc, gauc, logloss, percentile_ci  # noqa: F401 (defined once; tests read them here too)
 
 
 def parse_args(argv=None):
@@ -108,11 +109,6 @@ def bootstrap_aucs(y, scores: dict, n_boot: int, seed: int) -> dict:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def percentile_ci(boot) -> list:
-    b = boot[np.isfinite(boot)]
-    return [float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))] if len(b) else [None, None]
-
-
 def paired_p_value(boot_a, boot_b) -> float:
     """One-sided bootstrap p-value of H1 "a has the higher AUC": (1 + #{AUC_a <= AUC_b}) / (B + 1)
     over the shared resamples (never exactly 0; identical models give 1)."""
@@ -172,232 +168,6 @@ def probe_curve(paths: RunPaths, train, args) -> tuple[list, dict | None, list]:
         g = per_group(y * math.log(prior) + (1 - y) * math.log1p(-prior))
         const = {"tag": "constant", "prior": prior, "r_lc": float(g.mean()), "r_lc_ci": percentile_ci(boot(g))}
     return out, const, notes
-
-
-# ---- algorithm: explanation text --------------------------------------------------------------
-def norm_tokens(text: str) -> list:
-    """Lower-case ASCII word tokens (accents stripped, punctuation dropped)."""
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
-    return re.findall(r"[a-z0-9]+", text)
-
-
-def distinct_n(texts, n) -> float:
-    """Unique n-grams / total n-grams over the whole corpus (Li et al. 2016)."""
-    grams = [tuple(t[i:i + n]) for t in map(norm_tokens, texts) for i in range(len(t) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else float("nan")
-
-
-def usr(texts) -> float:
-    """Unique-sentence ratio: distinct explanations (case/punctuation/space-insensitive) / total."""
-    norm = [" ".join(norm_tokens(t)) for t in texts]
-    return len(set(norm)) / len(norm) if norm else float("nan")
-
-
-# [ours] Stance rules (listed verbatim in the report). The explanation's predicted attitude is
-# the first stance cue that follows a modal (will/would/may/...), else the first cue at all,
-# else a leading verdict word; a negator within the 4 tokens before a cue, in the same clause,
-# flips it. Past-tense verbs (liked, enjoyed, disliked...) describe the history: never cues.
-POS_CUES = {"like", "likes", "love", "loves", "enjoy", "enjoys", "appreciate", "appreciates",
-            "adore", "adores", "interested", "appealing", "appeal", "appeals", "click", "fan",
-            "recommend", "fit", "match", "resonate", "resonates", "fond", "delight"}
-NEG_CUES = {"dislike", "dislikes", "hate", "hates", "detest", "detests", "avoid", "avoids",
-            "skip", "uninterested", "unappealing", "disappointed", "disappoint", "boring", "dull"}
-NEGATORS = {"not", "never", "no", "unlikely", "hardly", "neither", "nor", "doubt", "doubtful",
-            "poor", "bad"}
-MODALS = {"will", "would", "may", "might", "could", "should", "shall", "likely", "unlikely",
-          "probably", "definitely", "certainly", "going", "be", "is", "are"}
-# "like" is also a preposition ("films like Heat"): it is a cue only right after one of these
-LIKE_VERB_PREV = MODALS | NEGATORS | {"to", "they", "user", "i", "you", "we", "he", "she",
-                                      "also", "really", "do", "does", "did", "truly"}
-CLAUSE_BREAKS = {".", ",", ";", ":", "!", "?", "but", "because", "since", "although", "though",
-                 "while", "as", "so", "however", "who", "which", "whereas", "yet", "and"}
-VERDICT_POS, VERDICT_NEG = {"yes", "positive", "likely", "like"}, {"no", "negative", "unlikely"}
-CONTRACTIONS = [("won't", "will not"), ("can't", "can not"), ("shan't", "shall not"),
-                ("n't", " not"), ("'ll", " will"), ("'d", " would")]
-
-
-def stance(text: str) -> int:
-    """+1 (will like / click), -1 (will not), 0 (unclear), by the rules above."""
-    t = text.lower().replace("\u2019", "'")
-    for a, b in CONTRACTIONS:
-        t = t.replace(a, b)
-    toks = re.findall(r"[a-z]+|[.,;:!?]", t)
-    first_any = first_modal = 0
-    for i, w in enumerate(toks):
-        pol = 1 if w in POS_CUES else -1 if w in NEG_CUES else 0
-        if not pol or (w == "like" and (i == 0 or toks[i - 1] not in LIKE_VERB_PREV)):
-            continue
-        window = []
-        for v in reversed(toks[max(0, i - 4):i]):
-            if v in CLAUSE_BREAKS:
-                break
-            window.append(v)
-        if any(v in NEGATORS for v in window):
-            pol = -pol
-        first_any = first_any or pol
-        if any(v in MODALS for v in window):
-            first_modal = pol
-            break
-    words = [w for w in toks if w.isalpha()]
-    verdict = (1 if words and words[0] in VERDICT_POS else
-               -1 if words and words[0] in VERDICT_NEG else 0)
-    return first_modal or first_any or verdict
-
-
-def title_key(title: str) -> tuple:
-    """Normalised title tokens: drop parenthetical parts (year, alternative titles), move/strip
-    a trailing article ("Usual Suspects, The"), strip a leading "The"/"A"/"An"."""
-    t = re.sub(r"\([^)]*\)|\[[^\]]*\]", " ", title).strip()
-    t = re.sub(r",\s*(the|a|an|la|le|les|l'|il|el|das|der|die)\s*$", "", t, flags=re.I)
-    toks = norm_tokens(t)
-    if len(toks) > 1 and toks[0] in ("the", "a", "an"):
-        toks = toks[1:]
-    return tuple(toks)
-
-
-# [ours] genre synonyms accepted for grounding/cause recall (plus plurals: -s, -y -> -ies)
-GENRE_ALIASES = {"sci fi": ["science fiction", "scifi"], "film noir": ["noir"],
-                 "children s": ["children", "kids"], "romance": ["romantic"],
-                 "comedy": ["comedic"], "animation": ["animated"], "drama": ["dramatic"],
-                 "mystery": ["mysterious"]}
-
-
-def genre_keys(genre: str) -> set:
-    base = " ".join(norm_tokens(genre))
-    forms = {base} | set(GENRE_ALIASES.get(base, []))
-    forms |= {f + "s" for f in list(forms)} | {f[:-1] + "ies" for f in forms if f.endswith("y")}
-    return {tuple(f.split()) for f in forms}
-
-
-class PhraseIndex:
-    """Exact token-sequence lookup: finds every (start, end, key) of known phrases in a text."""
-
-    def __init__(self, keys):
-        self.keys, self.lens = set(keys), defaultdict(set)
-        for k in self.keys:
-            self.lens[k[0]].add(len(k))
-
-    def find(self, toks):
-        return [(i, i + n, tuple(toks[i:i + n])) for i, w in enumerate(toks)
-                for n in sorted(self.lens.get(w, ())) if tuple(toks[i:i + n]) in self.keys]
-
-
-# [ours] a title-like span: two or more capitalised words (or numbers), small function words
-# allowed between them ("Lost City of the Ancients"); one capitalised word is a sentence start
-TITLE_GLUE = {"of", "the", "and", "in", "a", "an", "on", "to", "for", "with", "at"}
-TITLE_SPAN = re.compile(r"\b(?:[A-Z][\w'-]*|\d+)(?:\s+(?:(?:" + "|".join(sorted(TITLE_GLUE)) +
-                        r")\s+)*(?:[A-Z][\w'-]*|\d+))+")
-
-
-class Grounder:
-    """Grounding / hallucination / invented-title / cause checks of one explanation."""
-
-    def __init__(self, items: dict, min_title_chars: int, min_ground_chars: int):
-        self.key = {iid: title_key(it["title"]) for iid, it in items.items()}
-        self.genres = {iid: it.get("genres") or [] for iid, it in items.items()}
-        self.min_title, self.min_ground = min_title_chars, min_ground_chars
-        keys = [k for k in self.key.values() if k and len(" ".join(k)) >= min(min_title_chars,
-                                                                               min_ground_chars)]
-        self.titles = PhraseIndex(keys)
-        self.genre_of = {}  # genre key -> genre name
-        for g in {g for gs in self.genres.values() for g in gs}:
-            for k in genre_keys(g):
-                self.genre_of[k] = g
-        self.genre_index = PhraseIndex(self.genre_of)
-        self.all_titles = [k for k in self.key.values() if k]  # the whole catalogue
-        self.generic = {w for k in self.genre_of for w in k} | TITLE_GLUE | {"user", "i"}
-
-    def invented(self, text: str) -> bool:
-        """A title-like span that is no catalogue title, no part of one and contains none (after
-        title_key normalisation), and is not only genre words: an invented title."""
-        def within(a, b):  # token sequence a occurs inside b
-            return any(b[i:i + len(a)] == a for i in range(len(b) - len(a) + 1))
-        for m in TITLE_SPAN.finditer(text):
-            k = title_key(m.group(0))
-            if not k or set(k) <= self.generic:
-                continue
-            if not any(within(k, t) or within(t, k) for t in self.all_titles):
-                return True
-        return False
-
-    def check(self, sample: dict, text: str) -> dict:
-        toks = norm_tokens(text)
-        ok = lambda k: k and len(" ".join(k)) >= self.min_ground
-        target = self.key.get(sample["iid"])
-        hist = {self.key.get(h[0]) for h in sample["hist"]} - {None}
-        found = self.titles.find(toks)
-        # longest match wins: "Toy Story 2" does not also name "Toy Story"
-        spans = [(a, b, k) for a, b, k in found
-                 if not any(a0 <= a and b <= b0 and b0 - a0 > b - a for a0, b0, _ in found)]
-        halluc = any(k != target and k not in hist and len(" ".join(k)) >= self.min_title
-                     for _, _, k in spans)
-        covered = {i for a, b, _ in spans for i in range(a, b)}  # "Star Wars" is not genre "War"
-        free = lambda index: {k for a, b, k in index.find(toks) if not covered & set(range(a, b))}
-        named = {self.genre_of[k] for k in free(self.genre_index)}
-        genres = set(self.genres.get(sample["iid"], []))
-        for h in sample["hist"]:
-            genres |= set(self.genres.get(h[0], []))
-        cause = sample.get("cause")
-        return {"target": any(k == target and ok(k) for _, _, k in spans),
-                "history": any(k in hist and ok(k) for _, _, k in spans),
-                "genre": bool(named & genres), "halluc": halluc, "named_genres": named,
-                "invented": self.invented(text),
-                "cause": bool(free(PhraseIndex(genre_keys(cause)))) if cause else None}
-
-
-def cause_choice(test, items, texts: dict, args) -> dict:
-    """[ours] Does an explanation pick the planted cause among the target's genres? On test
-    targets with >= 2 genres (a real choice): hit = names the cause and no other genre of the
-    target; wrong = names a genre of the target that is not the cause. Rows: base, aligned and two
-    prompt-echo baselines (restating all target genres: hit 0 by construction; restating the
-    first listed one: ~1/2 of targets), with 95% bootstrap CIs and paired differences of aligned
-    to base and to the best echo on the same resampled targets (p one-sided, H1: aligned higher)."""
-    g = Grounder(items, args.min_title_chars, args.min_ground_chars)
-    idx = [i for i, s in enumerate(test) if s.get("cause") and
-           len((items.get(s["iid"]) or {}).get("genres", [])) >= 2]
-    if not idx:
-        return {}
-    first = lambda s: prompt_echo(s, {s["iid"]: dict(items[s["iid"]], genres=items[s["iid"]]["genres"][:1])})
-    sources = {"echo_all_genres": lambda s: prompt_echo(s, items), "echo_first_genre": first}
-    out, hits = {"n": len(idx)}, {}
-    for name in ("base", "aligned", *sources):
-        if name in sources:
-            txt = {i: sources[name](test[i]) for i in idx}
-        elif texts.get(name) and all(i in texts[name] for i in idx):
-            txt = texts[name]
-        else:
-            continue
-        h, w = [], []
-        for i in idx:
-            named = g.check(test[i], txt[i])["named_genres"]
-            gs, c = set(items[test[i]["iid"]]["genres"]), test[i]["cause"]
-            h.append(c in named and not (named & gs) - {c})
-            w.append(bool(named & (gs - {c})))
-        hits[name] = np.array(h, float)
-        out[name] = {"cause_hit": float(np.mean(h)), "wrong_genre": float(np.mean(w))}
-    rng = np.random.default_rng([args.seed, 2])
-    B = rng.integers(0, len(idx), size=(args.n_boot, len(idx)))
-    for name, v in hits.items():
-        out[name]["cause_hit_ci"] = percentile_ci(v[B].mean(1))
-    best_echo = max((k for k in sources if k in hits), key=lambda k: hits[k].mean())
-    for other in ("base", best_echo):
-        if "aligned" in hits and other in hits:
-            d = (hits["aligned"] - hits[other])[B].mean(1)
-            out[f"aligned_minus_{other}"] = {"delta": float((hits["aligned"] - hits[other]).mean()),
-                                             "ci": percentile_ci(d), "p_value": float(np.mean(d <= 0))}
-    return out
-
-
-def probe_auc(train_texts, train_y, test_texts, test_y) -> float:
-    """[ours] TF-IDF (1-2 grams) + logistic regression fitted on valid explanations; test AUC of
-    the click predicted from the explanation text alone."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    if len(set(train_y)) < 2 or len(set(test_y)) < 2:
-        return float("nan")
-    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    clf = LogisticRegression(max_iter=1000).fit(vec.fit_transform(train_texts), train_y)
-    return auc(test_y, clf.predict_proba(vec.transform(test_texts))[:, 1])
 
 
 # ---- plumbing: reading the run folder ----------------------------------------------------------
@@ -592,14 +362,6 @@ EXPL_KEYS = ["n", "auc_with_expl", "auc_shuffled", "shuffle_auc_drop", "shuffle_
              "invented_title", "distinct_1", "distinct_2", "usr", "mean_words", "cause_recall"]
 
 
-def prompt_echo(sample: dict, items: dict) -> str:
-    """[ours] The prompt-echo baseline: an "explanation" that only restates the target and its
-    genres, as an explainer copying its prompt would. Every text metric is also reported for it."""
-    it = items.get(sample["iid"]) or {}
-    genres = " and ".join(it.get("genres") or []) or "a"
-    return f"The user would view {it.get('title', 'the item')} as a {genres} film."
-
-
 def text_metrics(res, texts, idx, y, test, valid_pairs, items, pred, args, tag):
     """The metrics that need only the texts (and the scorer's predictions, when given); shares
     come with a 95% bootstrap CI (key + '_ci') over the test samples."""
@@ -612,12 +374,12 @@ def text_metrics(res, texts, idx, y, test, valid_pairs, items, pred, args, tag):
         res[key], c = share(v)
         if ci:
             res[key + "_ci"] = c
-    res.update(status="ok", n=len(texts), distinct_1=distinct_n(texts, 1),
-               distinct_2=distinct_n(texts, 2), usr=usr(texts),
+    res.update(status="ok", n=len(texts), distinct_1=eq.distinct_n(texts, 1),
+               distinct_2=eq.distinct_n(texts, 2), usr=eq.usr(texts),
                mean_words=float(np.mean([len(t.split()) for t in texts])) if texts else None)
     if valid_pairs:
-        res["probe_auc"] = probe_auc([t for t, _ in valid_pairs], [v for _, v in valid_pairs], texts, y)
-    st = np.array([stance(t) for t in tqdm(texts, desc=f"stance {tag}", leave=False, mininterval=2)])
+        res["probe_auc"] = eq.probe_auc([t for t, _ in valid_pairs], [v for _, v in valid_pairs], texts, y)
+    st = np.array([eq.stance(t) for t in tqdm(texts, desc=f"stance {tag}", leave=False, mininterval=2)])
     put("stance_clear", st != 0)
     put("stance_label_agreement", st == 2 * y - 1)
     if pred is not None:
@@ -629,7 +391,7 @@ def text_metrics(res, texts, idx, y, test, valid_pairs, items, pred, args, tag):
             clear = st[has] != 0
             res["stance_agreement_clear"] = float(agree[clear].mean()) if clear.any() else None
     if items:
-        g = Grounder(items, args.min_title_chars, args.min_ground_chars)
+        g = eq.Grounder(items, args.min_title_chars, args.min_ground_chars)
         checks = [g.check(test[i], t) for i, t in tqdm(list(zip(idx, texts)), desc=f"grounding {tag}",
                                                         leave=False, mininterval=2)]
         put("grounding", [c["target"] or c["history"] or c["genre"] for c in checks])
@@ -664,8 +426,8 @@ def echo_table(test, valid, items, args):
     if not items:
         res["status"] = "not run"
         return res
-    texts = [prompt_echo(s, items) for s in test]
-    pairs = [(prompt_echo(s, items), s["label"]) for s in valid] if valid else None
+    texts = [eq.prompt_echo(s, items) for s in test]
+    pairs = [(eq.prompt_echo(s, items), s["label"]) for s in valid] if valid else None
     text_metrics(res, texts, np.arange(len(test)), np.array([s["label"] for s in test]), test,
                  pairs, items, None, args, "echo")
     return res
@@ -713,82 +475,6 @@ def explanation_table(paths, R, test, valid, items, tag, args):
     return res, dict(zip(idx.tolist(), texts))
 
 
-# ---- plumbing: plots (matplotlib is optional, imported lazily) --------------------------------
-def pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        return None
-
-
-def make_plots(out_dir: Path, y, P, ppo_rows, probe_rows, probe_const) -> list:
-    plt = pyplot()
-    if plt is None:
-        return []
-    from sklearn.calibration import calibration_curve
-    from sklearn.metrics import roc_curve
-    made = []
-
-    def save(fig, name):
-        with common.atomic_path(out_dir / name) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        made.append(name)
-
-    if P:
-        fig, ax = plt.subplots(figsize=(6, 5.5))
-        for k, p in P.items():
-            fpr, tpr, _ = roc_curve(y, p)
-            ax.plot(fpr, tpr, label=f"{k} ({auc(y, p):.3f})")
-        ax.plot([0, 1], [0, 1], "k:", lw=1)
-        ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, test")
-        ax.legend(fontsize=7)
-        save(fig, "roc.png")
-        fig, ax = plt.subplots(figsize=(6, 5.5))
-        for k, p in P.items():
-            frac, mean_p = calibration_curve(y, p, n_bins=10, strategy="quantile")
-            ax.plot(mean_p, frac, marker="o", ms=3, label=k)
-        ax.plot([0, 1], [0, 1], "k:", lw=1)
-        ax.set(xlabel="mean predicted probability (decile bins)", ylabel="observed click rate",
-               title="Calibration (reliability), test")
-        ax.legend(fontsize=7)
-        save(fig, "calibration.png")
-    if ppo_rows or probe_rows:
-        from matplotlib.ticker import MaxNLocator
-        fig, axes = plt.subplots(1, 4, figsize=(15, 3.2), sharex=True)
-        ax = axes[0]
-        if probe_rows:
-            it = [r["iter"] for r in probe_rows]
-            mid = np.array([r["r_lc"] for r in probe_rows])
-            lo = mid - np.array([r["r_lc_ci"][0] for r in probe_rows])
-            hi = np.array([r["r_lc_ci"][1] for r in probe_rows]) - mid
-            ax.errorbar(it, mid, yerr=[lo, hi], fmt="o-", color="tab:green", capsize=3,
-                        label="policy (95% CI)")
-            if probe_const:
-                ax.axhline(probe_const["r_lc"], color="k", ls=":", lw=1, label="constant predictor")
-            ax.legend(fontsize=7)
-        ax.set(title="reward probe: mean r_LC, fixed prompts", xlabel="policy (0 = base)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        for ax, key in zip(axes[1:], ("r_lc", "r_ic", "kl")):
-            pts = [(r["iter"], r[key]) for r in ppo_rows if r[key] is not None]
-            if pts:
-                ax.plot(*zip(*pts), color="0.6", lw=1)
-            for phase, colour in (("lc", "tab:blue"), ("ic", "tab:orange")):
-                pts = [(r["iter"], r[key]) for r in ppo_rows if r["phase"] == phase and r[key] is not None]
-                if pts:
-                    ax.plot(*zip(*pts), "o", color=colour, label=f"{phase.upper()} phase")
-            ax.set(title=f"training draw: {key}" if key != "kl" else "training: KL to reference",
-                   xlabel="PPO iteration")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes[1].legend(fontsize=7)
-        fig.tight_layout()
-        save(fig, "ppo.png")
-    return made
-
-
 PPO_KEYS = ("reward", "r_lc", "r_ic", "kl", "ratio_first_step")
 
 
@@ -818,208 +504,6 @@ def step_timings(paths: RunPaths) -> list:
             last.pop(r["step"], None)  # keep the order of the latest run
             last[r["step"]] = r.get("seconds")
     return [{"step": k, "seconds": v} for k, v in last.items()]
-
-
-# ---- plumbing: report ------------------------------------------------------------------------------
-def fmt(x, d=4):
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
-
-
-def auc_cell(r):
-    return "not run" if r["status"] != "ok" else \
-        f"{fmt(r['auc'])} [{fmt(r['auc_ci'][0])}, {fmt(r['auc_ci'][1])}]"
-
-
-def table_rows(ctr, main_bb):
-    """Table order; the main backbone appears once, as id_ctr."""
-    return [k for k in ("popularity", "logreg", "id_ctr", "id_ctr_deepfm", "id_ctr_dcnv2",
-                        "id_ctr_din", "llm_ctr", "posthoc", "expctr_llm", "expctr_aug",
-                        "expctr_aug_final") if k != f"id_ctr_{main_bb}"]
-
-
-def text_table(ctr, main_bb) -> str:
-    head = ("variant", "AUC [95% CI]", "LogLoss", "gAUC", "n")
-    rows = [(k, auc_cell(ctr[k]), fmt(ctr[k]["logloss"]), fmt(ctr[k]["gauc"]),
-             str(ctr[k]["n"] or "-")) for k in table_rows(ctr, main_bb)]
-    w = [max(len(r[i]) for r in [head] + rows) for i in range(5)]
-    line = lambda r: "  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip()
-    return "\n".join([line(head), line(["-" * x for x in w])] + [line(r) for r in rows])
-
-
-STANCE_RULES = [
-    "contractions expanded (won't -> will not, n't -> not, 'll -> will, 'd -> would)",
-    "positive cues: " + ", ".join(sorted(POS_CUES)),
-    "negative cues: " + ", ".join(sorted(NEG_CUES)),
-    "a cue is flipped when one of (" + ", ".join(sorted(NEGATORS)) + ") occurs within the 4 "
-    "tokens before it, in the same clause (clauses break at punctuation and " +
-    ", ".join(sorted(w for w in CLAUSE_BREAKS if w.isalpha())) + ")",
-    "'like' is a cue only right after a modal, negator, pronoun or 'to' (not 'films like X')",
-    "stance = the first cue preceded by a modal/copula (" + ", ".join(sorted(MODALS)) + "); "
-    "else the first cue; else a leading verdict word (yes/positive/likely/like vs "
-    "no/negative/unlikely); else unclear",
-    "past-tense verbs (liked, enjoyed, disliked, ...) describe the history and are never cues",
-]
-EXPL_ROWS = [("shuffle_auc_drop", "faithfulness: scorer AUC minus AUC with shuffled explanations"),
-             ("auc_with_expl", "scorer AUC reading these explanations"),
-             ("auc_shuffled", "scorer AUC, explanations permuted across test samples"),
-             ("probe_auc", "TF-IDF + logistic-regression probe (fit on valid), test AUC"),
-             ("stance_agreement", "stance agrees with the scorer's click (p >= 0.5), all"),
-             ("stance_agreement_clear", "... among explanations with a clear stance"),
-             ("stance_clear", "share with a clear stance (will / will not like)"),
-             ("stance_label_agreement", "stance agrees with the true label, all"),
-             ("grounding", "names the target, a history item or one of their genres"),
-             ("grounding_target", "names the target title"),
-             ("grounding_history", "names a history title"),
-             ("grounding_genre", "names a target/history genre"),
-             ("hallucination", "names a catalogue title that is neither target nor history"),
-             ("invented_title", "names a title-like span (2+ capitalised words) matching no catalogue title"),
-             ("distinct_1", "unique unigrams / unigrams"), ("distinct_2", "unique bigrams / bigrams"),
-             ("usr", "unique explanations / explanations"), ("mean_words", "words per explanation"),
-             ("cause_recall", "synthetic: names the planted cause genre"), ("n", "explanations")]
-
-
-def report_md(m, examples, plots, plot_note, ppo) -> str:
-    ctr, main_bb = m["ctr"], m["main_backbone"]
-    L = [f"# ExpCTR evaluation: {m['run_name']}", "",
-         f"- dataset: **{m['dataset']}**; test samples: **{m['n_test']}** "
-         f"(positive rate {fmt(m['pos_rate'], 3)}); CTR rows use **{m['n_common']}** common samples",
-         f"- aligned explainer (final tag): **{m['final_tag'] or 'none yet'}**; ExpCTR-Aug model: "
-         f"**{m['aug'] or 'none yet'}**; main ID backbone: **{main_bb}**",
-         f"- bootstrap: {m['n_boot']} resamples, seed {m['seed']}"]
-    if m.get("oracle_test_auc") is not None:
-        L.append(f"- synthetic world: the true click probabilities reach AUC {m['oracle_test_auc']} "
-                 "on test (ceiling for every model)")
-    L += ["", "**How to read this.** Table 1: higher AUC/gAUC and lower LogLoss are better; the "
-          "bracket is a 95% bootstrap interval; p-values compare two variants on the same "
-          "resampled test sets. Table 2 asks whether explanations reflect the prediction: "
-          "*faithfulness* (shuffle drop) is how much the scorer's AUC falls when each sample gets "
-          "another sample's explanation (near 0 = the scorer ignores them); the *probe* shows how "
-          "much click signal the text alone carries (it can also pick up item identity); *stance "
-          "agreement* checks that the stated like/dislike matches the predicted click; grounding "
-          "and hallucination check the named titles; distinct-n/USR measure diversity (low = "
-          "templated text).", "", "## 1. CTR accuracy (test)", "",
-          "| variant | what | AUC [95% CI] | LogLoss | gAUC | n |", "|---|---|---|---|---|---|"]
-    for k in table_rows(ctr, main_bb):
-        r = ctr[k]
-        L.append(f"| {k} | {r['what']} | {auc_cell(r)} | {fmt(r['logloss'])} | {fmt(r['gauc'])} "
-                 f"| {r['n'] or '-'} |")
-    L.append("")
-    L += [f"- `{k}` not run: produce it with `{ctr[k]['produce']}`"
-          for k in table_rows(ctr, main_bb) if ctr[k]["status"] != "ok"]
-    for name, s in m["significance"].items():
-        L.append(f"- {s['test']}: " + (f"ΔAUC {fmt(s['delta_auc'])} [{fmt(s['delta_ci'][0])}, "
-                                       f"{fmt(s['delta_ci'][1])}], p = {fmt(s['p_value'])}"
-                                       if s["p_value"] is not None else "not available (a side is not run)")
-                 + (f"; non-inferior at margin {s['noninferiority_margin']} (CI lower bound > "
-                    f"-{s['noninferiority_margin']}): {'yes' if s['noninferior'] else 'no'}"
-                    if "noninferior" in s else ""))
-    L += [f"- note: {n}" for n in m["notes"]]
-    L += ["", "## 2. Explanation quality (test)", "",
-          f"| metric | base ({m['explanations']['base']['tag']}) | aligned "
-          f"({m['explanations']['aligned']['tag'] or 'none'}) | prompt echo (baseline) | meaning |",
-          "|---|---|---|---|---|"]
-    E = m["explanations"]
-    for k, what in EXPL_ROWS:
-        cell = lambda s: "not run" if E.get(s, {}).get("status") != "ok" else (
-            str(E[s][k]) if k == "n" else fmt(E[s][k]) + (
-                f" [{fmt(E[s][k + '_ci'][0])}, {fmt(E[s][k + '_ci'][1])}]"
-                if E[s].get(k + "_ci") and E[s][k + "_ci"][0] is not None else ""))
-        L.append(f"| {k} | {cell('base')} | {cell('aligned')} | {cell('echo')} | {what} |")
-    L.append("")
-    L.append("The prompt echo restates the target and its genres (\"The user would view <title> as a "
-             "<genres> film.\"): a metric it scores well on is good by construction, not evidence. "
-             "Brackets: 95% bootstrap CI over test samples (shuffle drop: also over the "
-             f"{E['aligned'].get('n_shuffles') or E['base'].get('n_shuffles') or '?'} permutations).")
-    L.append("")
-    for s in ("base", "aligned"):
-        if E[s]["status"] != "ok":
-            L.append(f"- {s} explanations not run: produce them with `{E[s]['produce']}`")
-        L += [f"- {s}: {n}" for n in E[s]["notes"]]
-    L += ["- grounding/hallucination match titles case-insensitively after dropping parenthetical "
-          "parts (year, alternative titles) and a leading/trailing article; hallucination only "
-          f"catches titles of data/items.jsonl of >= {m['min_title_chars']} characters (shorter ones "
-          "such as 'Heat' are ordinary words); invented_title flags a span of two or more capitalised "
-          "words (function words allowed between them) that is no catalogue title, contains none "
-          "and is part of none, and is not only genre words",
-          "- stance rules [ours]:"] + [f"  - {r}" for r in STANCE_RULES]
-    cc = m.get("cause_choice") or {}
-    if cc:
-        L += ["", f"**Cause choice** (synthetic; {cc['n']} test targets with >= 2 genres): hit = names "
-              "the planted cause and no other genre of the target; wrong = names a target genre that "
-              "is not the cause; the echo rows are prompt-echo baselines (restate the target's genres).",
-              "", "| explanations | cause hit [95% CI] | names a wrong genre |", "|---|---|---|"]
-        for k in ("base", "aligned", "echo_all_genres", "echo_first_genre"):
-            if k in cc:
-                L.append(f"| {k} | {fmt(cc[k]['cause_hit'])} [{fmt(cc[k]['cause_hit_ci'][0])}, "
-                         f"{fmt(cc[k]['cause_hit_ci'][1])}] | {fmt(cc[k]['wrong_genre'])} |")
-        for k, d in cc.items():
-            if k.startswith("aligned_minus_"):
-                L.append(f"- {k}: Δ {fmt(d['delta'])} [{fmt(d['ci'][0])}, {fmt(d['ci'][1])}], "
-                         f"p = {fmt(d['p_value'])} (paired bootstrap, one-sided)")
-    L += ["", "## 3. Plots", ""]
-    L += [f"![{p}]({p})" for p in plots] or [f"Plots skipped: {plot_note}."]
-    L += ["", "**Reward probe** (the learning curve): mean r_LC of each policy on the same held-out "
-          "prompts of data/probe.jsonl (never trained on by the scorer, the ID models or the "
-          "policy), the same K samples per prompt and the same sampling seed; 95% bootstrap CI "
-          "over prompts; Δ = difference to the base policy on the same resamples, p = one-sided "
-          "(H1: the policy beats base); KL = mean sequence KL to the reference on these samples.", ""]
-    if m["probe"]:
-        L += ["| policy | n prompts x K | mean r_LC [95% CI] | Δ vs base [95% CI] | p | KL to ref |",
-              "|---|---|---|---|---|---|"]
-        for r in m["probe"]:
-            d = (f"{fmt(r['delta'])} [{fmt(r['delta_ci'][0])}, {fmt(r['delta_ci'][1])}]"
-                 if r.get("delta") is not None else "-")
-            L.append(f"| {r['tag']} | {r['n_prompts']} x {r['n'] // max(r['n_prompts'], 1)} | "
-                     f"{fmt(r['r_lc'])} [{fmt(r['r_lc_ci'][0])}, {fmt(r['r_lc_ci'][1])}] | {d} | "
-                     f"{fmt(r.get('p_value'))} | {fmt(r['kl_ref'])} |")
-        c = m["probe_constant"]
-        if c:
-            L.append(f"| constant predictor (p = {fmt(c['prior'], 3)}, train rate) | same prompts | "
-                     f"{fmt(c['r_lc'])} [{fmt(c['r_lc_ci'][0])}, {fmt(c['r_lc_ci'][1])}] | - | - | - |")
-    else:
-        L.append("no probe files yet (python stage2_reward.py --run-dir R --probe base, then iter_k)")
-    L += [f"- note: {n}" for n in m["probe_notes"]]
-    L += ["", "PPO training statistics (the last stage3_rl row of each iteration in metrics.jsonl; "
-          "means over that iteration's own prompts, which differ between iterations, so this is "
-          "not a learning curve; ratio_first_step should be 1):", ""]
-    if ppo:
-        L += ["| iter | phase | reward | r_LC | r_IC | KL | ratio at first step |",
-              "|---|---|---|---|---|---|---|"]
-        L += [f"| {r['iter']} | {r['phase']} | {fmt(r['reward'])} | {fmt(r['r_lc'])} | "
-              f"{fmt(r['r_ic'])} | {fmt(r['kl'])} | {fmt(r['ratio_first_step'], 6)} |" for r in ppo]
-    else:
-        L.append("no stage3_rl rows yet (run the RL schedule: ./run.sh)")
-    if m["timings"]:
-        L += ["", "Wall time per step of run.sh (R/timings.jsonl, the latest run of each step):", "",
-              "| step | seconds |", "|---|---|"]
-        L += [f"| {t['step']} | {t['seconds']} |" for t in m["timings"]]
-    n_ex = sum(line.startswith("**") for line in examples)
-    L += ["", f"## 4. {n_ex} test samples: base vs aligned explanations", ""]
-    L += examples or ["no test sample has both base and aligned explanations yet"]
-    return "\n".join(L) + "\n"
-
-
-def examples_md(test, items, texts_base, texts_al, p_base, p_al, n, seed) -> list:
-    both = sorted(set(texts_base or {}) & set(texts_al or {}))
-    rng = np.random.default_rng(seed)
-    pools = [rng.permutation([i for i in both if test[i]["label"] == lab]).tolist() for lab in (1, 0)]
-    pick = []
-    while len(pick) < n and any(pools):  # [ours] alternate clicks and non-clicks
-        for pool in pools:
-            if pool and len(pick) < n:
-                pick.append(pool.pop())
-    pick.sort()
-    clean = lambda t: " ".join(t.split()).replace("|", "/")
-    out = []
-    for k, i in enumerate(pick, 1):
-        s = test[i]
-        title = items.get(s["iid"], {}).get("title", f"item {s['iid']}")
-        pb = fmt(p_base[i], 3) if p_base is not None else "n/a"
-        pa = fmt(p_al[i], 3) if p_al is not None else "n/a"
-        out += [f"**{k}. user {s['uid']} / {title} (iid {s['iid']}) - label {s['label']}**, "
-                f"posthoc p = {pb}, ExpCTR-LLM p = {pa}", "",
-                f"- base: {clean(texts_base[i])}", f"- aligned: {clean(texts_al[i])}", ""]
-    return out
 
 
 def jsonable(x):
@@ -1057,7 +541,7 @@ def main(argv=None):
     expl["echo"] = echo_table(test, valid, items, args)
     ppo = ppo_curve(paths)
     probe, probe_const, probe_notes = probe_curve(paths, train, args)
-    cause = cause_choice(test, items, texts, args) if items else {}
+    cause = eq.cause_choice(test, items, texts, args) if items else {}
 
     m = {"run_name": paths.root.resolve().name, "run_dir": R,
          "dataset": meta.get("dataset") or run_info.get("dataset") or "unknown",
@@ -1070,22 +554,22 @@ def main(argv=None):
          "cause_choice": cause,
          "notes": notes}
     paths.eval.mkdir(parents=True, exist_ok=True)
-    shown = {k: P[k] for k in table_rows(ctr, main_bb) if k in P}  # id_ctr once
-    plots = [] if args.no_plots else make_plots(paths.eval, y, shown, ppo, probe, probe_const)
+    shown = {k: P[k] for k in report.table_rows(ctr, main_bb) if k in P}  # id_ctr once
+    plots = [] if args.no_plots else report.make_plots(paths.eval, y, shown, ppo, probe, probe_const)
     plot_note = ("--no-plots" if args.no_plots else "no variant and no PPO rows to plot"
                  if not P and not ppo and not probe else "matplotlib is not installed")
     m["plots"], m["plots_skipped"] = plots, None if plots else plot_note
     sc = lambda tag: opt(paths.scorer / f"preds_test_{tag}.jsonl", lambda f: read_preds(f, test)["p"])
-    ex = examples_md(test, items, texts["base"], texts["aligned"], sc("base"),
+    ex = report.examples_md(test, items, texts["base"], texts["aligned"], sc("base"),
                      sc(final) if final else None, args.n_examples, args.seed)
     m = jsonable(m)
     common.write_json(paths.eval / "metrics.json", m)
     with common.atomic_path(paths.eval / "report.md") as tmp:
-        tmp.write_text(report_md(m, ex, plots, plot_note, ppo), encoding="utf-8")
+        tmp.write_text(report.report_md(m, ex, plots, plot_note, ppo), encoding="utf-8")
     common.log_metrics(paths.metrics, stage="evaluate", n_common=m["n_common"],
                        **{f"auc_{k}": v["auc"] for k, v in m["ctr"].items() if v["auc"] is not None})
-    print(text_table(m["ctr"], main_bb))
-    for k in table_rows(m["ctr"], main_bb):
+    print(report.text_table(m["ctr"], main_bb))
+    for k in report.table_rows(m["ctr"], main_bb):
         if m["ctr"][k]["status"] != "ok":
             print(f"  {k}: not run -> {m['ctr'][k]['produce']}")
     print(f"[evaluate] wrote {paths.eval / 'metrics.json'}, {paths.eval / 'report.md'}"

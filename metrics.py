@@ -44,3 +44,10 @@ def gauc(y, p, uids) -> float:
 def ctr_metrics(y, p, uids) -> dict:
     """{auc, logloss, gauc, n} of one split's predictions."""
     return {"auc": auc(y, p), "logloss": logloss(y, p), "gauc": gauc(y, p, uids), "n": int(len(y))}
+
+
+def percentile_ci(boot) -> list:
+    """[2.5, 97.5] percentiles of the finite bootstrap values ([None, None] if there are none)."""
+    b = np.asarray(boot, dtype=float)
+    b = b[np.isfinite(b)]
+    return [float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))] if len(b) else [None, None]

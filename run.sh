@@ -3,15 +3,16 @@
 #
 #   ./run.sh [--preset smoke|quick|planted|paper] [--runs-dir DIR] [--rounds N]
 #
-# Presets (all sizes are [ours]):
-#   smoke  tiny random model, synthetic world, a few samples; every stage in ~1-2 min -> DIR/smoke/
+# Presets are files, presets/<name>.toml (all sizes are [ours]; `python presets.py NAME shell`
+# prints what this script reads from one):
+#   smoke  tiny random model, synthetic world, a few samples; every step in ~1-2 min -> DIR/smoke/
 #   quick  (default) ID-CTR benchmark on FULL MovieLens-100K -> DIR/ml100k-ctr/ (popularity,
 #          logreg, deepfm, dcnv2, din), then the LLM pipeline with SmolLM2-135M-Instruct on a seeded
 #          MovieLens-100K subset -> DIR/quick/; ~109 min on a 2-core AVX2 CPU (fp32)
 #   planted  the mechanism on the synthetic planted world (known click causes): ID-CTR models on
 #          its full data -> DIR/planted-ctr/, the LLM pipeline on subsets -> DIR/planted/
 #          (docs/results-planted.md is one such run)
-#   paper  one GPU: larger splits and iteration counts, bf16 -> DIR/paper/
+#   paper  one GPU: larger splits and iteration counts; every option = the scripts' defaults -> DIR/paper/
 #
 # The schedule (docs/PAPER_NOTES.md §5; file layout in common.py); every line is a command a reader can type,
 # and every command skips work that is already finished, so ./run.sh resumes after a kill:
@@ -46,7 +47,7 @@ while [ $# -gt 0 ]; do
     --preset) PRESET="$2"; shift 2 ;;
     --runs-dir) RUNS_DIR="$2"; shift 2 ;;
     --rounds) ROUNDS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see ./run.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -54,76 +55,16 @@ source scripts/ensure_venv.sh   # sets $PY and PYTHONPATH
 # [ours] on a shared CPU, spinning OpenMP threads slow torch down many-fold; sleeping ones do not
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
-# ---- presets --------------------------------------------------------------------------------
-case "$PRESET" in
-  smoke)
-    R="$RUNS_DIR/smoke"; MODEL=tiny
-    DATA=(--dataset synthetic --n-users 120 --n-items 80 --n-interactions 4000 --history-len 5
-          --n-genres 8 --no-item-years --prompt-style genres
-          --max-samples train=48 --max-samples valid=24 --max-samples test=24
-          --max-samples rl=12 --max-samples probe=4)
-    CTR_MODELS=(popularity din); ID_BENCH=0
-    LLM=(--dtype float32)
-    GEN=(--max-new-tokens 12 --gen-batch 16 --fwd-batch 16)
-    ROLL=(--prompts-per-iter 4 --k-samples 4 --temperature 1.0)
-    SFT=(--epochs 1 --lr 1e-3 --batch-size 8 --lora-targets all --answer-layer 1 --lora-layers 1 --answer-head trained)
-    PPO=(--ppo-epochs 1 --minibatch 8 --lr 1e-4 --kl-beta 0.05)
-    N1=2; N3=1; LAMBDA=0.5; PRED_SPLITS=valid,test ;;
-  quick)
-    R="$RUNS_DIR/quick"; MODEL=smollm2-135m
-    # [ours] the LLM stages see a seeded subset (CPU budget); the ID models are the ones trained
-    # on the FULL ML-100K train split (ml100k-ctr), scored on this subset with --epochs 0, so
-    # id_ctr and the ExpCTR-Aug warm start are real backbones, not models fit on 384 samples
-    # rl/probe: prompts carved out of the training period by data_prep.py (same seed and shares
-    # as the full-data run ml100k-ctr, so its ID models never trained on them either)
-    DATA=(--dataset ml-100k --max-samples train=384 --max-samples valid=128 --max-samples test=256
-          --max-samples rl=64 --max-samples probe=24)
-    CTR_MODELS=(popularity logreg deepfm dcnv2 din); ID_BENCH=1
-    BENCH=ml100k-ctr; BENCH_DATA=(--dataset ml-100k)
-    LLM=(--dtype auto)   # [ours] bf16 where the CPU has native bf16, else fp32 (3-5x faster there)
-    GEN=(--max-new-tokens 32 --gen-batch 16 --fwd-batch 16)
-    ROLL=(--prompts-per-iter 8 --k-samples 4 --temperature 1.0)
-    SFT=(--epochs 1 --lr 5e-4 --batch-size 8)   # [ours] few steps on CPU: a larger lr than TALLRec's
-    PPO=(--ppo-epochs 2 --minibatch 8 --lr 1e-4 --kl-beta 0.05)
-    # [ours] scorer predictions on test only (evaluate.py reads test; the scorer's valid AUC is in
-    # scorer/metrics.json): on a 2-core AVX2 CPU each 128 valid samples x 5 passes cost ~6 min
-    N1=2; N3=1; LAMBDA=0.5; PRED_SPLITS=test ;;
-  planted)
-    # the mechanism on a world whose click causes are known (docs/results-planted.md): 4 genres,
-    # clicks from genre tastes, 30 history items; prompts show the history as liked/disliked
-    # genre counts [ours]. Settings chosen on valid (README, "The planted world"): the scorer
-    # trains the top 8 layers (LoRA, all projections) and an answer head on the frozen lower
-    # layers' states, computed once
-    R="$RUNS_DIR/planted"; MODEL=smollm2-135m
-    WORLD=(--dataset synthetic --n-genres 4 --history-len 30 --no-item-years)
-    DATA=("${WORLD[@]}" --prompt-style genres --max-samples train=1024 --max-samples valid=256
-          --max-samples test=512 --max-samples rl=512 --max-samples probe=64)
-    CTR_MODELS=(popularity logreg din); ID_BENCH=1
-    BENCH=planted-ctr; BENCH_DATA=("${WORLD[@]}")
-    LLM=(--dtype auto)
-    GEN=(--max-new-tokens 24 --gen-batch 32 --fwd-batch 16)
-    ROLL=(--prompts-per-iter 32 --k-samples 4 --temperature 1.0)
-    SFT=(--epochs 2 --lr 5e-4 --batch-size 16 --lora-targets all --answer-layer 21 --lora-layers 8
-         --answer-head trained --head-lr 1e-3 --patience 1 --eval-every 32)
-    PPO=(--ppo-epochs 2 --minibatch 16 --lr 2e-4 --kl-beta 0.02)
-    N1=3; N3=1; LAMBDA=0.5; PRED_SPLITS=test ;;
-  paper)
-    R="$RUNS_DIR/paper"; MODEL=smollm2-135m
-    DATA=(--dataset ml-100k --history-len 10
-          --max-samples train=8000 --max-samples valid=1000 --max-samples test=2000
-          --max-samples rl=4000 --max-samples probe=128)
-    CTR_MODELS=(popularity logreg deepfm dcnv2 din); ID_BENCH=1
-    BENCH=ml100k-ctr; BENCH_DATA=(--dataset ml-100k)
-    LLM=(--dtype bfloat16)
-    GEN=(--max-new-tokens 40 --gen-batch 128 --fwd-batch 64)
-    ROLL=(--prompts-per-iter 128 --k-samples 4 --temperature 1.0)
-    # [ours] activation checkpointing where memory binds (a GPU, larger batches): -52% peak memory
-    # for +13% time in our CPU measurement (README, "Making an iteration affordable")
-    SFT=(--epochs 3 --lr 1e-4 --batch-size 16 --grad-checkpoint)
-    PPO=(--ppo-epochs 2 --minibatch 32 --lr 5e-5 --kl-beta 0.05 --grad-checkpoint)
-    N1=20; N3=10; LAMBDA=0.5; PRED_SPLITS=valid,test ;;
-  *) echo "error: --preset must be smoke, quick, planted or paper" >&2; exit 2 ;;
-esac
+# ---- presets: presets/<name>.toml, one [section] per kind of step (presets.py) ---------------
+if [ ! -f "presets/$PRESET.toml" ]; then
+  echo "error: --preset $PRESET: no presets/$PRESET.toml (presets: $(cd presets && ls *.toml | sed 's/\.toml$//' | tr '\n' ' '))" >&2
+  exit 2
+fi
+PRESET_SH=$("$PY" presets.py "$PRESET" shell)   # prints the variables below; a bad file stops here
+eval "$PRESET_SH"
+R="$RUNS_DIR/$RUN_NAME"
+DATA=("${WORLD[@]}" "${DATA_ONLY[@]}")   # the LLM run's data; the ID benchmark uses WORLD alone
+BENCH_DATA=("${WORLD[@]}")
 
 # ---- plumbing: timed steps -------------------------------------------------------------------
 T_ALL=$(date +%s)
@@ -169,6 +110,7 @@ fi
 
 # ---- 1-3. data, ID backbone, base explanations, scorer -----------------------------------------
 mkdir -p "$R"
+cp "presets/$PRESET.toml" "$R/preset.toml"   # the settings this run used, beside its outputs
 run_json preset="$PRESET" model="$MODEL" n1="$N1" n3="$N3" rounds="$ROUNDS" lambda_ic="$LAMBDA"
 A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}")
 step "data_prep" "$PY" data_prep.py --run-dir "$R" "${DATA[@]}"

@@ -6,6 +6,8 @@ trained on common.build_scorer_prompt(prompt, explanation, target) -> " Yes" / "
 p(click) = softmax over the Yes/No logits at the answer position (the kernel's log-softmax over
 the two lm_head rows). Explanation dropout (default 0.3 [ours]) trains it to also predict with no
 explanation, which gives the LLM-CTR-without-explanation baseline from the same adapter.
+--scorer-view target [ours]: beside an explanation the scorer sees the target only, so the
+explanation is its one channel for the user's preferences (what LC alignment can then improve).
 
 Train mode (default):
   reads  R/data/{train,valid}.jsonl, R/data/items.jsonl,
@@ -49,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=3, help="maximum epochs")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (TALLRec: 1e-4)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--batch-size", type=int, default=8, help="training sequences per step")
+    p.add_argument("--batch-size", type=int, default=16, help="training sequences per step")
     p.add_argument("--lora-r", type=int, default=llm.LORA_R, help="scorer LoRA rank (alpha = 2r)")
     p.add_argument("--lora-targets", default=",".join(llm.LORA_TARGETS),
                    help=f"comma-separated projections the scorer's LoRA adapts; 'all' = "
@@ -66,6 +68,21 @@ def parse_args(argv=None):
                         "[ours]: the scorer runs layers [0, N) only, and --lora-layers are the top "
                         "of those; a linear probe on valid (scripts/scorer_layer_probe.py) shows "
                         "where a small model holds the click signal")
+    p.add_argument("--scorer-view", choices=common.SCORER_VIEWS, default="full",
+                   help="what the scorer reads beside an explanation: full = the whole prompt "
+                        "(TALLRec + explanation); target = the target item only, so the user's "
+                        "history reaches it through the explanation alone [ours; "
+                        "common.build_scorer_prompt]. Without explanation it reads the full prompt")
+    p.add_argument("--profile-echo", type=float, default=0.0,
+                   help="share of training samples whose explanation is the prompt's own history "
+                        "lines (common.history_lines; never the label) [ours; with --scorer-view "
+                        "target]: teaches the scorer to read statements about the user's tastes, "
+                        "which the untuned explainer seldom writes, so that r_LC can credit them "
+                        "when PPO finds them; valid also logs valid_auc_profile_echo (the most an "
+                        "explanation restating the history gives this scorer)")
+    p.add_argument("--select-on", choices=("with_expl", "last"), default="with_expl",
+                   help="which epoch's adapter is kept: the best valid AUC with explanations "
+                        "(early stopping, --patience), or the last epoch")
     p.add_argument("--head-lr", type=float, default=None,
                    help="learning rate of the trained answer head (default: --lr)")
     p.add_argument("--grad-checkpoint", action="store_true",
@@ -112,6 +129,20 @@ def predict_p(bundle: llm.LLM, prompts: list[str], variants: list[list[str | Non
     return lp[:, 0].exp().numpy().astype(np.float64).reshape(n, len(variants)).T
 
 
+def profile_echo(sample: dict, items: dict, popt: dict) -> str:
+    """[ours] The --profile-echo text: the user's liked / disliked history as the prompt shows it,
+    in the explanation's place (no label, no target verdict)."""
+    return common.history_lines(sample, items, popt.get("style", "items")).replace("\n", " ")
+
+
+def train_texts(rows, ex, items, popt, u, dropout: float, echo: float) -> list[str | None]:
+    """What each training sample shows the scorer beside its prompt, from one uniform draw u[i]
+    per sample: nothing (u < dropout: explanation dropout), the profile echo (u < dropout +
+    echo), else the explainer's explanation."""
+    return [None if x < dropout else profile_echo(r, items, popt) if x < dropout + echo
+            else e["explanation"] for r, e, x in zip(rows, ex, u)]
+
+
 # ---- plumbing: inputs ---------------------------------------------------------------------
 def load_explanations(paths: RunPaths, tag: str, split: str, rows: list[dict]) -> list[dict]:
     f = paths.require(paths.explanations(tag, split), f"python stage2_reward.py --run-dir "
@@ -136,7 +167,7 @@ def train(args, paths: RunPaths, model: str):
                               f"use --force or a fresh run folder")
         print(f"[stage1] {paths.scorer} exists, skipped")
         return
-    items, style = common.load_items(paths), common.prompt_style(paths)
+    items, popt = common.load_items(paths), common.prompt_options(paths)
     tr_rows = common.load_split(paths, "train")
     va_rows = common.load_split(paths, "valid")
     if args.expl_tag == "none":  # the scorer alone (TALLRec): every sample without explanation
@@ -150,7 +181,7 @@ def train(args, paths: RunPaths, model: str):
     bundle = llm.LLM(model, args.dtype, args.device, args.threads)
     targets = llm.ALL_PROJ if args.lora_targets == "all" else tuple(args.lora_targets.split(","))
     bundle.attach({"scorer": None}, r=args.lora_r, targets=targets, top_layers=args.lora_layers,
-                  answer_layer=args.answer_layer)
+                  answer_layer=args.answer_layer, scorer_view=args.scorer_view)
     if args.answer_head == "trained":
         bundle.add_answer_head("scorer")
     bundle.activation_checkpointing(args.grad_checkpoint and not args.lora_layers)
@@ -163,18 +194,20 @@ def train(args, paths: RunPaths, model: str):
     rng = np.random.default_rng(args.seed)
     # [ours] explanation dropout drawn once: a sample is seen with or without its explanation in
     # every epoch, so that its frozen lower-layer states can be computed once (--lora-layers)
-    drop = rng.random(len(tr_rows)) < args.expl_dropout
-    tr_seqs = [bundle.scorer_ids(common.build_prompt(r, items, style),
-                                 None if d else e["explanation"], common.target_text(r, items))
-               for r, e, d in zip(tr_rows, tr_ex, drop)]
+    tr_text = train_texts(tr_rows, tr_ex, items, popt, rng.random(len(tr_rows)),
+                          args.expl_dropout, args.profile_echo)
+    tr_seqs = [bundle.scorer_ids(common.build_prompt(r, items, **popt), x, common.target_text(r, items))
+               for r, x in zip(tr_rows, tr_text)]
     tr_labels = torch.tensor([r["label"] for r in tr_rows], device=bundle.device)
-    va_prompts = [common.build_prompt(r, items, style) for r in va_rows]
+    va_prompts = [common.build_prompt(r, items, **popt) for r in va_rows]
     va_targets = [common.target_text(r, items) for r in va_rows]
     va_labels = [r["label"] for r in va_rows]
+    # valid variants: the explainer's text, none, and (--profile-echo) the profile statement
+    va_variants = [[e["explanation"] for e in va_ex], [None] * len(va_rows)] + (
+        [[profile_echo(r, items, popt) for r in va_rows]] if args.profile_echo else [])
     n_top, t0 = args.lora_layers, time.time()
     if n_top:  # the frozen lower layers, once for every train and valid sequence
-        va_seqs = [bundle.scorer_ids(p, x, t) for expl in ([e["explanation"] for e in va_ex],
-                                                            [None] * len(va_rows))
+        va_seqs = [bundle.scorer_ids(p, x, t) for expl in va_variants
                    for p, x, t in zip(va_prompts, expl, va_targets)]
         with bundle.use("scorer"):
             tr_states = bundle.lower_states(tr_seqs, n_top, args.eval_batch, "lower layers, train")
@@ -192,12 +225,14 @@ def train(args, paths: RunPaths, model: str):
             with bundle.use("scorer"), torch.inference_mode():
                 lp = torch.cat([bundle.upper_answer_logprobs(va_states[i:i + args.eval_batch], n_top)
                                 for i in range(0, len(va_states), args.eval_batch)])
-            with_e, no_e = lp[:, 0].exp().float().numpy().reshape(2, len(va_rows))
+            P = lp[:, 0].exp().float().numpy().reshape(len(va_variants), len(va_rows))
         else:
-            with_e, no_e = predict_p(bundle, va_prompts, [[e["explanation"] for e in va_ex],
-                                                          [None] * len(va_rows)], args.eval_batch,
-                                     va_targets)
-        return auc(va_labels, with_e), auc(va_labels, no_e)
+            P = predict_p(bundle, va_prompts, va_variants, args.eval_batch, va_targets)
+        return [auc(va_labels, p) for p in P]  # with explanation, without[, profile echo]
+
+    def valid_row(aucs):
+        return dict(valid_auc_with_expl=aucs[0], valid_auc_no_expl=aucs[1],
+                    **({"valid_auc_profile_echo": aucs[2]} if len(aucs) > 2 else {}))
 
     stopper, best_state, history, step = common.EarlyStopping(args.patience), None, [], 0
     for epoch in range(1, args.epochs + 1):
@@ -219,22 +254,23 @@ def train(args, paths: RunPaths, model: str):
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
             step += 1
             if args.eval_every and step % args.eval_every == 0 and s + args.batch_size < len(order):
-                c_e, c_n = evaluate()  # a learning-curve point (not an early-stopping candidate)
+                curve = valid_row(evaluate())  # a learning-curve point (not a stopping candidate)
                 common.log_metrics(paths.metrics, "stage1_sft_curve", step=step, epoch=epoch,
                                    samples=step * args.batch_size, train_loss=float(np.mean(losses)),
-                                   valid_auc_with_expl=c_e, valid_auc_no_expl=c_n, model=model)
+                                   **curve, model=model)
                 bundle.model.train()
         train_s = time.time() - t0
-        auc_e, auc_n = evaluate()
+        aucs = evaluate()
+        auc_e, auc_n = aucs[:2]
         row = common.log_metrics(paths.metrics, "stage1_sft", epoch=epoch, step=step,
                                  samples=step * args.batch_size, loss=float(np.mean(losses)),
-                                 valid_auc_with_expl=auc_e, valid_auc_no_expl=auc_n,
-                                 tokens_per_s=round(n_tok / train_s, 1), seconds=round(train_s, 1),
+                                 **valid_row(aucs), tokens_per_s=round(n_tok / train_s, 1), seconds=round(train_s, 1),
                                  model=model)
         history.append(row)
         print(f"[stage1] epoch {epoch}: loss {row['loss']:.4f}, valid AUC with expl {auc_e}, "
               f"without {auc_n}, {row['tokens_per_s']} train tokens/s")
-        score = -epoch if math.isnan(auc_e) else auc_e  # single-class valid: keep the last epoch
+        # --select-on last, or a single-class valid: keep the last epoch
+        score = epoch if args.select_on == "last" or math.isnan(auc_e) else auc_e
         if stopper.step(score):
             best_state = [q.detach().clone() for q in params]
             best_row = row
@@ -246,11 +282,13 @@ def train(args, paths: RunPaths, model: str):
             q.copy_(v)
     metrics = {"valid_auc_with_expl": best_row["valid_auc_with_expl"],
                "valid_auc_no_expl": best_row["valid_auc_no_expl"], "best_epoch": best_row["epoch"],
+               "valid_auc_profile_echo": best_row.get("valid_auc_profile_echo"),
+               "profile_echo": args.profile_echo,
                "epochs_run": len(history), "n_train": len(tr_rows), "n_valid": len(va_rows),
                "expl_tag": args.expl_tag, "expl_dropout": args.expl_dropout, "lr": args.lr,
                "lora": {"r": args.lora_r, "targets": list(targets), "top_layers": args.lora_layers},
                "answer_head": args.answer_head, "head_lr": args.head_lr or args.lr,
-               "answer_layer": args.answer_layer or bundle.n_layers,
+               "answer_layer": args.answer_layer or bundle.n_layers, "scorer_view": args.scorer_view,
                "lower_layers_seconds": round(lower_s, 1),
                "model": model, "history": history}
     bundle.save_adapter("scorer", paths.scorer, files={"metrics.json": metrics}, expl_tag=args.expl_tag)
@@ -266,7 +304,7 @@ def predict(args, paths: RunPaths, model: str):
         print("[stage1] all predictions exist, skipped")
         return
     paths.require(paths.scorer / "adapter_config.json", f"python stage1_sft.py --run-dir {paths.root}")
-    items, style = common.load_items(paths), common.prompt_style(paths)
+    items, popt = common.load_items(paths), common.prompt_options(paths)
     bundle = llm.LLM(model, args.dtype, args.device, args.threads)
     bundle.attach({"scorer": paths.scorer})
     for split in splits:
@@ -274,7 +312,7 @@ def predict(args, paths: RunPaths, model: str):
         if not tags_s:
             continue
         rows = common.load_split(paths, split)
-        prompts = [common.build_prompt(r, items, style) for r in rows]
+        prompts = [common.build_prompt(r, items, **popt) for r in rows]
         labels = [r["label"] for r in rows]
         # ---- every variant of a prompt in one grouped pass: per tag the explanations and
         # --shuffles permutations of them (the faithfulness baseline), or no text for "none"

@@ -2,9 +2,10 @@
 
 Paper part: the two alignment rewards. For each RL prompt the explainer (LoRA adapter
 `explainer`, policy of iteration k-1) samples K explanations; each is scored by
-  r_LC = log p_scorer(true label | prompt, explanation)        (LC alignment, the LLM-CTR scorer)
+  r_LC = log p_scorer(true label | prompt, explanation)        (LC alignment, the LLM-CTR scorer;
+         with the scorer's view "target" the explanation stands in for the user's history)
   r_IC = log p_aug(true label | ID features, emb(explanation))  (IC alignment, the ExpCTR-Aug model)
-  r    = r_LC + lambda * r_IC.
+  r    = r_LC + lambda * r_IC     (Phase 1, LC alignment: lambda = 0; Phase 3, IC alignment: > 0).
 It also stores the per-token log-probs of each explanation under the explainer (logp_old) and
 under the reference = base model with adapters off (logp_ref), which stage3_rl.py needs for PPO.
 Both are log-probs of the distribution that sampled: softmax((logits + policy bias) / T), with
@@ -66,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--iter", type=int, default=None, help="rollout mode: PPO iteration k (1-based)")
     p.add_argument("--probe", default=None, metavar="TAG",
                    help="probe mode: score policy TAG (base or iter_k) on R/data/probe.jsonl")
-    p.add_argument("--prompts-per-iter", type=int, default=16,
+    p.add_argument("--prompts-per-iter", type=int, default=128,
                    help="RL prompts per iteration (a block of a seeded order of rl.jsonl) [ours]")
     p.add_argument("--k-samples", type=int, default=4, help="K sampled explanations per prompt [ours]")
     p.add_argument("--temperature", type=float, default=1.0,
@@ -82,8 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=40, help="explanation length cap (tokens)")
     p.add_argument("--encoder", default=None, help="embedding model for explanations (default: the "
                    "base LLM, adapters off, mean-pooled last hidden state)")
-    p.add_argument("--gen-batch", type=int, default=16, help="sequences per generate() call")
-    p.add_argument("--fwd-batch", type=int, default=16, help="sequences per scoring forward pass")
+    p.add_argument("--gen-batch", type=int, default=128, help="sequences per generate() call")
+    p.add_argument("--fwd-batch", type=int, default=64, help="sequences per scoring forward pass")
     p.add_argument("--save-every", type=int, default=8,
                    help="explanation mode: checkpoint partial results every N generate batches")
     p.add_argument("--force", action="store_true", help="redo even if the output exists")
@@ -124,6 +125,11 @@ def ic_reward(aug_dir: str, samples: list[dict], emb: np.ndarray) -> np.ndarray:
                           f"train it on explanations of the same model/--encoder")
     p = np.asarray(pred.predict(samples, text_emb=emb), dtype=np.float64)
     return label_logprob(p, np.array([s["label"] for s in samples]))
+
+
+def total_reward(r_lc: np.ndarray, r_ic: np.ndarray | None, lambda_ic: float) -> np.ndarray:
+    """r = r_LC + lambda * r_IC (lambda = 0, or no ExpCTR-Aug yet, in Phase 1: r = r_LC)."""
+    return r_lc + (lambda_ic * r_ic if r_ic is not None else 0.0)
 
 
 def token_logprobs(bundle, adapter, prompt_ids, completion_ids, batch, temperature) -> list[list[float]]:
@@ -173,11 +179,11 @@ def generate_all(bundle, adapter, prompt_ids, args, greedy, desc, on_batch=None,
     return comps if greedy else (comps, [gen_lp[i] for i in range(len(prompt_ids))])
 
 
-def sample_and_score(bundle, actor, samples, items, args, seed, desc, style="items"):
+def sample_and_score(bundle, actor, samples, items, args, seed, desc, popt=None):
     """K samples per prompt from `actor` (None = base), their rewards and log-probs; one dict of
     per-sample lists. `behaviour_gap` = max |log-prob as generation computed it - logp_old|: the
     sampling policy and the stored one are the same distribution up to float rounding."""
-    prompts = [common.build_prompt(s, items, style) for s in samples]
+    prompts = [common.build_prompt(s, items, **popt) for s in samples]
     prompt_ids = [bundle.explainer_ids(p) for p in prompts]
     torch.manual_seed(seed)
     t0 = time.time()
@@ -192,7 +198,7 @@ def sample_and_score(bundle, actor, samples, items, args, seed, desc, style="ite
     r_ic = None
     if args.aug:
         r_ic = ic_reward(args.aug, samples, llm.make_embedder(bundle, args.encoder, args.fwd_batch)(expls))
-    reward = r_lc + (args.lambda_ic * r_ic if r_ic is not None else 0.0)
+    reward = total_reward(r_lc, r_ic, args.lambda_ic)
     t3 = time.time()
     logp_old = token_logprobs(bundle, actor, prompt_ids, comps, args.fwd_batch, args.temperature)
     t4 = time.time()
@@ -238,13 +244,13 @@ def explanations_mode(args, paths: RunPaths, model: str):
         if meta.get("model") != model or meta.get("encoder") != args.encoder:
             raise ExpCTRError(f"{meta_path}: made with --model {meta.get('model')} --encoder "
                               f"{meta.get('encoder')}, not {model} / {args.encoder}; use --force")
-    items, style = common.load_items(paths), common.prompt_style(paths)
+    items, popt = common.load_items(paths), common.prompt_options(paths)
     bundle = llm.LLM(model, args.dtype, args.device, args.threads)
     adapter = attach_policy(bundle, paths, args.tag)
     embedder = llm.make_embedder(bundle, args.encoder, args.fwd_batch)
     for split in todo:
         rows = common.load_split(paths, split)
-        prompts = [common.build_prompt(r, items, style) for r in rows]
+        prompts = [common.build_prompt(r, items, **popt) for r in rows]
         prompt_ids = [bundle.explainer_ids(p) for p in prompts]
         part = paths.root / "explanations" / args.tag / f".{split}.partial.jsonl"
         done = {}
@@ -317,7 +323,7 @@ def rollout_mode(args, paths: RunPaths, model: str):
     if k < 1:
         raise ExpCTRError(f"--iter {k}: iterations start at 1")
     scorer, rl = reward_inputs(args, paths, "rl")
-    items, style = common.load_items(paths), common.prompt_style(paths)
+    items, popt = common.load_items(paths), common.prompt_options(paths)
     policy = common.policy_tag(k - 1)
     # ---- algorithm: the prompts of iteration k, K samples each, from the current explainer ----
     pick = iteration_prompts(len(rl), args.prompts_per_iter, k, args.seed)
@@ -326,7 +332,7 @@ def rollout_mode(args, paths: RunPaths, model: str):
     bundle = llm.LLM(model, args.dtype, args.device, args.threads)
     actor = attach_policy(bundle, paths, policy, scorer)
     res = sample_and_score(bundle, actor, samples, items, args, args.seed * SEED_STRIDE + k,
-                           f"rollouts iter {k}", style)
+                           f"rollouts iter {k}", popt)
     phase = "ic" if args.lambda_ic > 0 else "lc"
     common.write_jsonl(out, (
         {"uid": s["uid"], "iid": s["iid"], "label": s["label"], "prompt": res["prompts"][i],
@@ -357,13 +363,13 @@ def probe_mode(args, paths: RunPaths, model: str):
     if not args.force and check_existing(out, model):
         return
     scorer, probe = reward_inputs(args, paths, "probe")
-    items, style = common.load_items(paths), common.prompt_style(paths)
+    items, popt = common.load_items(paths), common.prompt_options(paths)
     samples = [s for s in probe for _ in range(args.k_samples)]
     bundle = llm.LLM(model, args.dtype, args.device, args.threads)
     actor = attach_policy(bundle, paths, tag, scorer)
     # ---- algorithm: the same prompts, K and seed for every policy (like with like) ----
     res = sample_and_score(bundle, actor, samples, items, args, args.seed * SEED_STRIDE,
-                           f"probe {tag}", style)
+                           f"probe {tag}", popt)
     kl = [float(np.sum(np.subtract(o, r), dtype=np.float64)) for o, r in
           zip(res["logp_old"], res["logp_ref"])]
     common.write_jsonl(out, (

@@ -1,6 +1,8 @@
 """PPO update of the ExpCTR explainer on one rollout file (PAPER_NOTES.md §4).
 
-Paper part: "RL with LoRA" — the explainer is tuned by PPO with the LC / IC alignment rewards.
+Paper part: "RL with LoRA" — the explainer is tuned by PPO with the LC / IC alignment rewards, in
+Phase 1 (LC alignment) and Phase 3 (IC alignment) of the schedule; the rollout rows say which
+(their `phase` and `lambda_ic`).
 [ours] PPO-clip (epsilon 0.2) on sequence-level rewards: K sampled explanations per prompt,
 leave-one-out group advantage (RLOO: reward minus the mean of the other K-1 samples of the same
 prompt, as in TRL's RLOOTrainer; no value head), normalised by the batch std; a per-token KL
@@ -46,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clipping epsilon")
     p.add_argument("--kl-beta", type=float, default=0.05, help="per-token KL penalty coefficient [ours]")
     p.add_argument("--ppo-epochs", type=int, default=2, help="passes over the rollout file [ours]")
-    p.add_argument("--minibatch", type=int, default=8, help="sequences per optimizer step [ours]")
+    p.add_argument("--minibatch", type=int, default=32, help="sequences per optimizer step [ours]")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the LoRA "
                    "[ours: 0; a decay pulls the policy toward the reference besides the KL term]")

@@ -1,7 +1,7 @@
 """ID-based CTR models (DeepFM, DCNv2, DIN, popularity, logistic regression) and ExpCTR-Aug.
 
-Paper part: the "traditional ID-based CTR model" of IC alignment and stage 2, "CTR model training
-with textual features" (PAPER_NOTES.md §3, §5): with --text-emb the explanation embedding of each
+Paper part: the "traditional ID-based CTR model" of IC alignment and Phase 2 (paper Stage 2), "CTR
+model training with textual features" (PAPER_NOTES.md §3, §5): with --text-emb the explanation embedding of each
 sample is projected (LayerNorm + Linear to emb_dim) and concatenated with the ID feature
 embeddings before the MLP / cross layers (ExpCTR-Aug); --init-from warm-starts it from the
 ID-only checkpoint. stage2_reward.py uses `load_checkpoint(...).predict` for the IC reward.
@@ -40,7 +40,6 @@ DIN_ATT_WIDTH = 36  # hidden units of DIN's attention MLP (the DIN paper's activ
 POP_SMOOTHING = 20.0  # [ours] pseudo-samples at the global rate added to every item's count
 
 MODELS = ("deepfm", "dcnv2", "din", "popularity", "logreg")
-TORCH_MODELS = ("deepfm", "dcnv2", "din")
 
 
 def parse_args(argv=None):
@@ -158,10 +157,11 @@ def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class CTRNet(nn.Module):
-    """Shared embeddings + one of three heads. Fields (each emb_dim wide): user, item, target
-    genres (mean), each user-profile field, history (DIN: target attention; DeepFM/DCNv2:
-    mean of liked and mean of disliked history items), and the projected text embedding."""
+class CTRModel(nn.Module):
+    """What every ID backbone shares (FuxiCTR-style base class): one emb_dim-wide embedding per
+    field - user, item, target genres (mean), each user-profile field - the history items
+    (item + genre mean, with a liked/disliked sign), and ExpCTR-Aug's text field. A backbone adds
+    its history encoding (2 fields) and its interaction layers."""
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -176,62 +176,100 @@ class CTRNet(nn.Module):
             nn.init.normal_(emb.weight, std=0.05)  # [ours] small init keeps the FM term tame
             if emb.padding_idx is not None:
                 nn.init.zeros_(emb.weight[emb.padding_idx])
-        if c["text_dim"]:  # [paper] explanation embedding joins the ID features (ExpCTR-Aug)
+        if c["text_dim"]:  # [paper] ExpCTR-Aug: the explanation embedding, projected to a field
             self.text_proj = nn.Sequential(nn.LayerNorm(c["text_dim"]), nn.Linear(c["text_dim"], d))
-        n_fields = 3 + len(c["n_field"]) + 2 + (1 if c["text_dim"] else 0)
-        width = n_fields * d
-        hidden = [int(h) for h in c["mlp"].split(",") if h]
-        if c["model"] == "din":
-            # [ours] DIN attention unit on [q, k, q-k, q*k, sign]; query/key = item + genre mean
-            self.att = nn.Sequential(nn.Linear(5 * d, DIN_ATT_WIDTH), nn.PReLU(),
-                                     nn.Linear(DIN_ATT_WIDTH, 1))
-        if c["model"] == "deepfm":
-            self.lin_user = nn.Embedding(c["n_uid"] + 1, 1)
-            self.lin_item = nn.Embedding(c["n_iid"] + 1, 1)
-            self.lin_genre = nn.Embedding(c["n_genre"] + 1, 1, padding_idx=0)
-            nn.init.zeros_(self.lin_user.weight)
-            nn.init.zeros_(self.lin_item.weight)
-        if c["model"] == "dcnv2":  # [ours] 3 full-rank cross layers, parallel to the deep tower
-            self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(3))
-        self.deep = mlp([width] + hidden, c["dropout"])
-        self.out = nn.Linear(hidden[-1] + (width if c["model"] == "dcnv2" else 0), 1)
+        self.width = (3 + len(c["n_field"]) + 2 + (1 if c["text_dim"] else 0)) * d  # all fields
+        self.hidden = [int(h) for h in c["mlp"].split(",") if h]
 
     def genre_mean(self, g):  # g [..., G] -> [..., d]
         m = (g > 0).float().unsqueeze(-1)
         return (self.genre(g) * m).sum(-2) / m.sum(-2).clamp(min=1)
 
-    def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
-        u, i, g = self.user(b["uid"]), self.item(b["iid"]), self.genre_mean(b["tgen"])
-        prof = [emb(b["prof"][:, f]) for f, emb in enumerate(self.fields)]
-        hk = self.item(b["hid"]) + self.genre_mean(b["hgen"])       # [B, K, d]
-        sign, mask = self.sign(b["hlab"]), (b["hlab"] > 0).float()  # [B, K, d], [B, K]
-        if self.cfg["model"] == "din":
-            q = (i + g).unsqueeze(1).expand_as(hk)
-            w = self.att(torch.cat([q, hk, q - hk, q * hk, sign], -1)).squeeze(-1)
-            w = w * mask  # DIN: no softmax, padded positions weigh 0
-            hist = [(w.unsqueeze(-1) * hk).sum(1), (w.unsqueeze(-1) * sign).sum(1)]
-        else:
-            liked, disl = (b["hlab"] == 2).float(), (b["hlab"] == 1).float()
-            pool = lambda m: (hk * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-            hist = [pool(liked), pool(disl)]
-        fields = [u, i, g] + prof + hist
+    def history(self, b):  # -> items [B,K,d], their signs [B,K,d], mask [B,K]
+        return (self.item(b["hid"]) + self.genre_mean(b["hgen"]), self.sign(b["hlab"]),
+                (b["hlab"] > 0).float())
+
+    def pooled_history(self, b):  # [ours] DeepFM/DCNv2: mean of liked, mean of disliked items
+        hk = self.history(b)[0]
+        pool = lambda m: (hk * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+        return [pool((b["hlab"] == 2).float()), pool((b["hlab"] == 1).float())]
+
+    def all_fields(self, b, hist: list, text) -> list:  # [B, d] each, in a fixed order
+        out = [self.user(b["uid"]), self.item(b["iid"]), self.genre_mean(b["tgen"])]
+        out += [emb(b["prof"][:, f]) for f, emb in enumerate(self.fields)] + hist
         if self.cfg["text_dim"]:
-            fields.append(self.text_proj(text))
-        x = torch.cat(fields, -1)
-        if self.cfg["model"] == "dcnv2":
-            xl = x
-            for layer in self.cross:
-                xl = x * layer(xl) + xl
-            return self.out(torch.cat([xl, self.deep(x)], -1)).squeeze(-1)
-        logit = self.out(self.deep(x)).squeeze(-1)
-        if self.cfg["model"] == "deepfm":
-            e = torch.stack(fields, 1)  # FM second order over the fields
-            fm = 0.5 * (e.sum(1).pow(2) - e.pow(2).sum(1)).sum(-1)
-            gm = (b["tgen"] > 0).float()
-            first = self.lin_user(b["uid"]) + self.lin_item(b["iid"]) + \
-                ((self.lin_genre(b["tgen"]).squeeze(-1) * gm).sum(-1, keepdim=True))
-            logit = logit + fm + first.squeeze(-1)
-        return logit
+            out.append(self.text_proj(text))  # [paper] ExpCTR-Aug: the explanation is one more field
+        return out
+
+
+class DeepFM(CTRModel):
+    """DeepFM (Guo et al. 2017): first-order terms + FM second order over the fields + an MLP."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.lin_user = nn.Embedding(cfg["n_uid"] + 1, 1)
+        self.lin_item = nn.Embedding(cfg["n_iid"] + 1, 1)
+        self.lin_genre = nn.Embedding(cfg["n_genre"] + 1, 1, padding_idx=0)
+        nn.init.zeros_(self.lin_user.weight)
+        nn.init.zeros_(self.lin_item.weight)
+        self.deep = mlp([self.width] + self.hidden, cfg["dropout"])
+        self.out = nn.Linear(self.hidden[-1], 1)
+
+    def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
+        fields = self.all_fields(b, self.pooled_history(b), text)
+        e = torch.stack(fields, 1)
+        fm = 0.5 * (e.sum(1).pow(2) - e.pow(2).sum(1)).sum(-1)
+        gm = (b["tgen"] > 0).float()
+        first = self.lin_user(b["uid"]) + self.lin_item(b["iid"]) + \
+            ((self.lin_genre(b["tgen"]).squeeze(-1) * gm).sum(-1, keepdim=True))
+        return self.out(self.deep(torch.cat(fields, -1))).squeeze(-1) + fm + first.squeeze(-1)
+
+
+class DCNv2(CTRModel):
+    """DCN-V2 (Wang et al. 2021), parallel form: full-rank cross layers beside the deep tower.
+    [ours] 3 cross layers."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.cross = nn.ModuleList(nn.Linear(self.width, self.width) for _ in range(3))
+        self.deep = mlp([self.width] + self.hidden, cfg["dropout"])
+        self.out = nn.Linear(self.hidden[-1] + self.width, 1)
+
+    def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
+        x = torch.cat(self.all_fields(b, self.pooled_history(b), text), -1)
+        xl = x
+        for layer in self.cross:
+            xl = x * layer(xl) + xl
+        return self.out(torch.cat([xl, self.deep(x)], -1)).squeeze(-1)
+
+
+class DIN(CTRModel):
+    """DIN (Zhou et al. 2018): the history pooled with weights from an attention unit on the
+    target (no softmax). [ours] unit input [q, k, q-k, q*k, sign], query/key = item + genre mean;
+    the signs are pooled with the same weights (the second history field)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        d = cfg["emb_dim"]
+        self.att = nn.Sequential(nn.Linear(5 * d, DIN_ATT_WIDTH), nn.PReLU(),
+                                 nn.Linear(DIN_ATT_WIDTH, 1))
+        self.deep = mlp([self.width] + self.hidden, cfg["dropout"])
+        self.out = nn.Linear(self.hidden[-1], 1)
+
+    def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
+        hk, sign, mask = self.history(b)
+        q = (self.item(b["iid"]) + self.genre_mean(b["tgen"])).unsqueeze(1).expand_as(hk)
+        w = self.att(torch.cat([q, hk, q - hk, q * hk, sign], -1)).squeeze(-1) * mask  # pads: 0
+        hist = [(w.unsqueeze(-1) * hk).sum(1), (w.unsqueeze(-1) * sign).sum(1)]
+        return self.out(self.deep(torch.cat(self.all_fields(b, hist, text), -1))).squeeze(-1)
+
+
+NETS = {"deepfm": DeepFM, "dcnv2": DCNv2, "din": DIN}
+TORCH_MODELS = tuple(NETS)  # the neural backbones (the others: popularity, logreg)
+
+
+def build_net(cfg: dict) -> CTRModel:
+    return NETS[cfg["model"]](cfg)
 
 
 # ---- plumbing: predictor (the Python API) -----------------------------------------------
@@ -242,8 +280,8 @@ class CTRPredictor:
         self.ckpt, self.vocab, self.cfg = ckpt, ckpt["vocab"], ckpt["config"]
         self.model_name = self.cfg["model"]
         self.text_dim = int(self.cfg.get("text_dim", 0))
-        if self.model_name in TORCH_MODELS:
-            self.net = CTRNet(self.cfg)
+        if self.model_name in NETS:
+            self.net = build_net(self.cfg)
             self.net.load_state_dict(ckpt["state_dict"])
             self.net.eval()
 
@@ -336,7 +374,7 @@ def fit_baseline(args, data, vocab, cfg):
             "intercept": torch.tensor(float(best[2].intercept_[0]))}
 
 
-def warm_start(net: CTRNet, old: dict, cfg: dict) -> int:
+def warm_start(net: CTRModel, old: dict, cfg: dict) -> int:
     """Load an ID-only state into a text-augmented net. [ours] The text projection's output
     layer starts at zero (like LoRA's B), so the text field is exactly 0 and the Aug model starts
     out predicting exactly what the ID model did, for every backbone (DeepFM's FM term included);
@@ -379,7 +417,7 @@ def warm_start(net: CTRNet, old: dict, cfg: dict) -> int:
 # ---- algorithm: training loop (Adam, early stopping on valid AUC, best checkpoint kept) ----
 def train_net(args, data, vocab, cfg, text, paths, out_name):
     torch.manual_seed(args.seed)
-    net = CTRNet(cfg)
+    net = build_net(cfg)
     if args.init_from:
         init = torch.load(Path(args.init_from) / "model.pt", map_location="cpu", weights_only=True)
         n = warm_start(net, init["state_dict"], cfg)

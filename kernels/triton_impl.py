@@ -56,6 +56,26 @@ def _mm(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _grad_tile(dl, x, M: tl.constexpr, K: tl.constexpr, DOT_F32: tl.constexpr,
+               IEEE: tl.constexpr):
+    """dl [M, .] @ x [., K] as an fp32 [M, K] tile: dl (fp32 dlogits) times the other input's
+    tile; DOT_F32 (fp32 inputs) keeps dl in fp32, else dl is cast to x's dtype (bf16 on CUDA)."""
+    acc = tl.zeros((M, K), tl.float32)
+    if DOT_F32:
+        return _mm(dl, x.to(tl.float32), acc, IEEE)
+    return _mm(dl.to(x.dtype), x, acc, IEEE)
+
+
+@triton.jit
+def _add_tile(ptrs, part, msk, ATOMIC: tl.constexpr):
+    """*ptrs += part: atomically where several programs add into the same tile (forced splits)."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, part, mask=msk)
+    else:
+        tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+
+
+@triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_t,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_H: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
@@ -176,16 +196,9 @@ def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, s_ptr, g_ptr, ge_ptr, gh
             kmask = ks < H
             w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
                         mask=col_mask[:, None] & kmask[None, :], other=0.0)
-            if DOT_F32:
-                part = _mm(dl, w.to(tl.float32), tl.zeros((BLOCK_N, BLOCK_H), tl.float32), IEEE)
-            else:
-                part = _mm(dl.to(w.dtype), w, tl.zeros((BLOCK_N, BLOCK_H), tl.float32), IEEE)
-            ptrs = gh_ptr + rows[:, None] * stride_gh + ks[None, :]
-            msk = row_mask[:, None] & kmask[None, :]
-            if ATOMIC:
-                tl.atomic_add(ptrs, part, mask=msk)
-            else:
-                tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+            part = _grad_tile(dl, w, BLOCK_N, BLOCK_H, DOT_F32, IEEE)
+            _add_tile(gh_ptr + rows[:, None] * stride_gh + ks[None, :], part,
+                      row_mask[:, None] & kmask[None, :], ATOMIC)
 
 
 # ---- algorithm: backward, grad_weight / grad_bias (recompute tiles) ----
@@ -220,17 +233,9 @@ def _bwd_dw_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, s_ptr, g_ptr, ge_ptr, gw
                 kmask = ks < H
                 h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
                             mask=row_mask[:, None] & kmask[None, :], other=0.0)
-                if DOT_F32:
-                    part = _mm(dlt, h.to(tl.float32), tl.zeros((BLOCK_V, BLOCK_H), tl.float32),
-                               IEEE)
-                else:
-                    part = _mm(dlt.to(h.dtype), h, tl.zeros((BLOCK_V, BLOCK_H), tl.float32), IEEE)
-                ptrs = gw_ptr + cols[:, None] * stride_gw + ks[None, :]
-                msk = col_mask[:, None] & kmask[None, :]
-                if ATOMIC:
-                    tl.atomic_add(ptrs, part, mask=msk)
-                else:
-                    tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+                part = _grad_tile(dlt, h, BLOCK_V, BLOCK_H, DOT_F32, IEEE)
+                _add_tile(gw_ptr + cols[:, None] * stride_gw + ks[None, :], part,
+                          col_mask[:, None] & kmask[None, :], ATOMIC)
     if NEED_B:
         if ATOMIC:
             tl.atomic_add(gb_ptr + cols, gb_acc, mask=col_mask)

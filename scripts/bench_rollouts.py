@@ -37,7 +37,7 @@ def main():
     a = p.parse_args()
     paths = common.RunPaths(a.run_dir)
     model = llm.run_model(paths, a.model)
-    items, style = common.load_items(paths), common.prompt_style(paths)
+    items, popt = common.load_items(paths), common.prompt_options(paths)
     rl = common.read_jsonl(paths.split("rl"))[: a.prompts]
     samples = [s for s in rl for _ in range(a.k)]
     bundle = llm.LLM(model, a.dtype)
@@ -53,13 +53,13 @@ def main():
             bundle.share_prefix = share
             t0 = time.time()
             res = stage2_reward.sample_and_score(bundle, "explainer", samples, items, args, seed=1,
-                                                 desc=f"{'shared' if share else 'plain'} {rep}", style=style)
+                                                 desc=f"{'shared' if share else 'plain'} {rep}", popt=popt)
             res["timings"]["total"] = time.time() - t0
             times[share].append(res["timings"])
             print(f"rep {rep} share_prefix={share}: " +
                   ", ".join(f"{k} {v:.1f}s" for k, v in res["timings"].items()), flush=True)
     med = {s: {k: statistics.median(t[k] for t in times[s]) for k in times[s][0]} for s in times}
-    mean_len = sum(len(bundle.explainer_ids(common.build_prompt(s, items, style))) for s in rl) / len(rl)
+    mean_len = sum(len(bundle.explainer_ids(common.build_prompt(s, items, **popt))) for s in rl) / len(rl)
     print(f"\n{len(samples)} rollouts ({a.prompts} prompts x K={a.k}, prompt {mean_len:.0f} tokens, "
           f"<= {a.max_new_tokens} new tokens), {bundle.dtype}, {torch.get_num_threads()} threads, "
           f"median of {a.repeats}:")

@@ -79,6 +79,9 @@ def main():
          f"{info['lambda_ic']}, final policy `{info.get('final_tag')}`.", ""]
     if a.reading:
         L += ["## Our reading", "", Path(a.reading).read_text().strip(), ""]
+    if (R / "preset.toml").exists():  # run.sh copies the preset file into the run folder
+        L += [f"## Settings (`presets/{info['preset']}.toml` as the run used it)", "", "```toml",
+              (R / "preset.toml").read_text().strip(), "```", ""]
     if a.bench:
         L += bench_table(Path(a.bench))
     logged = common.read_jsonl(R / "metrics.jsonl")
@@ -87,8 +90,9 @@ def main():
         d = common.read_json(sc)
         L += ["## LLM-CTR scorer training (`scorer/metrics.json`, valid split)", "",
               f"{d['n_train']} train / {d['n_valid']} valid samples, lr {d['lr']}, LoRA "
-              f"{d.get('lora', 'q_proj,v_proj')}, explanation dropout {d['expl_dropout']}; "
-              f"best epoch {d['best_epoch']}.", "",
+              f"{d.get('lora', 'q_proj,v_proj')}, explanation dropout {d['expl_dropout']}, "
+              f"scorer view {d.get('scorer_view', 'full')}, profile echo {d.get('profile_echo', 0)}; "
+              f"kept epoch {d['best_epoch']}.", "",
               "| epoch | train loss | valid AUC with explanation | valid AUC without | train tokens/s |",
               "|---|---|---|---|---|"]
         L += [f"| {h['epoch']} | {h['loss']:.4f} | {h['valid_auc_with_expl']:.4f} | "
@@ -99,10 +103,15 @@ def main():
         rows = [r for r in logged if r["stage"] in
                 ("stage1_sft_curve", "stage1_sft") and "samples" in r]
         if rows:  # the learning curve: valid AUC against training samples seen
+            echo = any("valid_auc_profile_echo" in r for r in rows)
             L += ["Learning curve (valid):", "", "| samples seen | train loss (epoch so far) | "
-                  "valid AUC with explanation | valid AUC without |", "|---|---|---|---|"]
+                  "valid AUC with explanation | valid AUC without |" +
+                  (" valid AUC, history lines as explanation |" if echo else ""),
+                  "|---|---|---|---|" + ("---|" if echo else "")]
             L += [f"| {r['samples']} | {r.get('train_loss', r.get('loss')):.4f} | "
-                  f"{r['valid_auc_with_expl']:.4f} | {r['valid_auc_no_expl']:.4f} |" for r in rows] + [""]
+                  f"{r['valid_auc_with_expl']:.4f} | {r['valid_auc_no_expl']:.4f} |" +
+                  (f" {r.get('valid_auc_profile_echo', float('nan')):.4f} |" if echo else "")
+                  for r in rows] + [""]
     ppo = [r for r in logged if r["stage"] == "stage3_rl"]
     if ppo and "reward_std_within_group" in ppo[-1]:  # the size of PPO's learning signal
         last = {r["iter"]: r for r in ppo}

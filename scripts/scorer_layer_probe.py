@@ -50,7 +50,7 @@ def main():
     p.add_argument("--out", default=None, help="write the AUCs as JSON here")
     a = p.parse_args()
     paths = common.RunPaths(a.run_dir)
-    items, style = common.load_items(paths), common.prompt_style(paths)
+    items, popt = common.load_items(paths), common.prompt_options(paths)
     rng = np.random.default_rng(0)
     pick = lambda rows, n: [rows[i] for i in np.sort(rng.choice(len(rows), min(n, len(rows)), replace=False))]
     tr, va = pick(common.load_split(paths, "train"), a.n_train), pick(common.load_split(paths, "valid"), a.n_valid)
@@ -58,7 +58,7 @@ def main():
     dec, _ = b._parts()
 
     def encode(s):
-        prompt = common.build_prompt(s, items, style)
+        prompt = common.build_prompt(s, items, **popt)
         target = None if a.generic_question else common.target_text(s, items)
         text = b._chat(common.build_scorer_prompt(prompt, None, target), llm.ANSWER_PREFIX)
         enc = b.tok(text, add_special_tokens=False, return_offsets_mapping=True)

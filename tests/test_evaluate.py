@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 import common
 import evaluate as ev
+import explanation_quality as eq
 from common import ExpCTRError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def make_run(root: Path, stages=("ctr", "scorer", "expl", "aug", "rl"), cause=Tr
     rng = np.random.default_rng(seed)
     items = [{"iid": str(i), "title": f"The {WORDS[i % 10]} {WORDS[(i // 10) % 10]} {i} (1990)",
               "genres": [GENRES[i % len(GENRES)]]} for i in range(60)]
-    titles = {it["iid"]: ev.title_key(it["title"]) for it in items}
+    titles = {it["iid"]: eq.title_key(it["title"]) for it in items}
 
     def samples(n_per, t0):
         out = []
@@ -157,17 +158,17 @@ def test_probe_on_text_that_spells_the_label():
     make = lambda n: [(int(rng.random() < 0.5), " ".join(rng.choice(filler, 4))) for _ in range(n)]
     tr, te = make(80), make(60)
     text = lambda lab, f: f"{f} the user will {'adore' if lab else 'detest'} it {f}"
-    got = ev.probe_auc([text(l, f) for l, f in tr], [l for l, _ in tr],
+    got = eq.probe_auc([text(l, f) for l, f in tr], [l for l, _ in tr],
                        [text(l, f) for l, f in te], [l for l, _ in te])
     assert got > 0.99
 
 
 def test_distinct_n_usr_exact_fractions():
     texts = ["a b a", "a b c"]
-    assert ev.distinct_n(texts, 1) == 3 / 6
-    assert ev.distinct_n(texts, 2) == 3 / 4
-    assert ev.usr(["Hello world.", "hello   world", "Other one"]) == 2 / 3
-    assert ev.usr(["x", "y"]) == 1.0
+    assert eq.distinct_n(texts, 1) == 3 / 6
+    assert eq.distinct_n(texts, 2) == 3 / 4
+    assert eq.usr(["Hello world.", "hello   world", "Other one"]) == 2 / 3
+    assert eq.usr(["x", "y"]) == 1.0
 
 
 @pytest.mark.parametrize("text, want", [
@@ -187,7 +188,7 @@ def test_distinct_n_usr_exact_fractions():
     ("This is a thriller from 1995.", 0),
 ])
 def test_stance_rules(text, want):
-    assert ev.stance(text) == want
+    assert eq.stance(text) == want
 
 
 def grounder():
@@ -198,7 +199,7 @@ def grounder():
              "5": {"iid": "5", "title": "Sense and Sensibility (1995)", "genres": ["Romance"]},
              "6": {"iid": "6", "title": "Toy Story 2 (1999)", "genres": ["Animation"]},
              "7": {"iid": "7", "title": "Platoon (1986)", "genres": ["War"]}}
-    return ev.Grounder(items, min_title_chars=8, min_ground_chars=4)
+    return eq.Grounder(items, min_title_chars=8, min_ground_chars=4)
 
 
 @pytest.mark.parametrize("iid, hist, text, target, history, genre, halluc", [
@@ -227,9 +228,9 @@ def test_cause_recall_and_title_normalisation():
     assert g.check(s, "A dramatic story.")["cause"] is False
     assert g.check({"iid": "1", "hist": []}, "comedy")["cause"] is None
     assert g.check({"iid": "1", "hist": [], "cause": "Sci-Fi"}, "a science fiction fan")["cause"]
-    assert ev.title_key("Usual Suspects, The (1995)") == ("usual", "suspects")
-    assert ev.title_key("A Bug's Life (1998)") == ("bug", "s", "life")
-    assert ev.title_key("City of Lost Children, The (Cité des enfants perdus, La) (1995)") == \
+    assert eq.title_key("Usual Suspects, The (1995)") == ("usual", "suspects")
+    assert eq.title_key("A Bug's Life (1998)") == ("bug", "s", "life")
+    assert eq.title_key("City of Lost Children, The (Cité des enfants perdus, La) (1995)") == \
         ("city", "of", "lost", "children")
 
 
@@ -245,7 +246,7 @@ def test_cause_choice_needs_the_cause_alone_and_echo_baselines():
     texts = {"base": {0: "An animated comedy, so yes.", 1: "They dislike crime films.", 2: "x"},
              "aligned": {0: "They love comedies.", 1: "They dislike crime films.", 2: "x"}}
     args = type("A", (), {"min_title_chars": 8, "min_ground_chars": 4, "seed": 0, "n_boot": 200})
-    cc = ev.cause_choice(test, items, texts, args)
+    cc = eq.cause_choice(test, items, texts, args)
     assert cc["n"] == 2
     assert cc["base"]["cause_hit"] == 0.5 and cc["base"]["wrong_genre"] == 0.5
     assert cc["aligned"]["cause_hit"] == 1.0 and cc["aligned"]["wrong_genre"] == 0.0
@@ -275,7 +276,7 @@ def test_shuffle_drop_averages_permutations_and_their_spread_widens_the_ci():
 def test_prompt_echo_is_grounded_by_construction():
     g = grounder()
     g_items = {"1": {"iid": "1", "title": "Toy Story (1995)", "genres": ["Animation", "Comedy"]}}
-    c = g.check({"iid": "1", "hist": [], "cause": "Comedy"}, ev.prompt_echo({"iid": "1"}, g_items))
+    c = g.check({"iid": "1", "hist": [], "cause": "Comedy"}, eq.prompt_echo({"iid": "1"}, g_items))
     assert c["target"] and c["genre"] and c["cause"]
 
 

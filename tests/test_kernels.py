@@ -435,5 +435,49 @@ def test_triton_kernels_under_interpreter(interpreted, case):
     assert_close(res, dtype, CASES.get(case, {}).get("tol_scale", 1.0))
 
 
+# ---- Triton kernels on CUDA (no interpreter): run by scripts/gpu_check.sh on a GPU machine ----
+ON_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _on_cuda(over):
+    """The Triton kernels on CUDA copies of CPU inputs; outputs back on the CPU (the float64
+    reference and the upstream gradients live there; .cuda() / .cpu() are differentiable)."""
+    def fn(h, w, t, bias=None, **kw):
+        from kernels import triton_impl
+        out = triton_impl.selected_logprobs(h.cuda(), w.cuda(), t.cuda(),
+                                            bias=None if bias is None else bias.cuda(), **over, **kw)
+        return tuple(x.cpu() for x in out) if isinstance(out, tuple) else out.cpu()
+    return fn
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU (scripts/gpu_check.sh runs it there)")
+@pytest.mark.parametrize("blocks", ["default", "small_forced_splits"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_kernels_on_cuda(case, blocks):
+    """fp32 and bf16 inputs on CUDA take paths the interpreter never runs (it upcasts bf16; the
+    backward casts dlogits to bf16 before its dot): the same cases and tolerances as above."""
+    over = TRITON_RUNS.get(case, {}) if blocks != "default" else {}
+    spec = CASES[case]
+    assert_close(run_case(_on_cuda(over), spec), getattr(torch, spec["dtype"]),
+                 spec.get("tol_scale", 1.0))
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU (scripts/gpu_check.sh runs it there)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_matches_the_torch_twin_at_model_shape_on_cuda(dtype):
+    """SmolLM2-135M's head (V = 49,152, H = 576), 512 rows: Triton and the torch twin agree on
+    CUDA in values and hidden gradients (bf16: within its rounding)."""
+    h, w, b, t = make_case(512, 49152, 576, dtype, bias=False, ignored=(0, 7), scale=2 / 576 ** 0.5)
+    outs = []
+    for impl in ("triton", "torch"):
+        hh = h.cuda().requires_grad_()
+        lp, ent = kernels.selected_logprobs(hh, w.cuda(), t.cuda(), impl=impl, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+        outs.append((lp.float().cpu(), ent.float().cpu(), hh.grad.float().cpu()))
+    tv, tg = TOL[dtype]
+    for a, c in zip(*outs):
+        assert _err(a, c) <= max(tv, tg if a.shape == h.shape else tv) * 10, (dtype, _err(a, c))
+
+
 if __name__ == "__main__" and "--interpret-cases" in sys.argv:
     _interpret_cases()

@@ -260,6 +260,8 @@ def test_smoke_run_outputs(smoke_run_dir):
     P = RunPaths(smoke_run_dir)
     info = common.read_json(P.root / "run.json")
     assert info["preset"] == "smoke" and info["model"] == "tiny"
+    root = Path(__file__).resolve().parents[1]
+    assert (P.root / "preset.toml").read_text() == (root / "presets" / "smoke.toml").read_text()
     final = info["final_tag"]
     k_final = int(final.split("_")[1])
     sm = common.read_json(P.scorer / "metrics.json")
@@ -402,6 +404,74 @@ def test_scorer_question_names_the_target_and_never_the_label():
     assert "disliked: Horror (1)." in common.build_prompt(s, items, "genres")
 
 
+def test_explainer_question_is_a_run_option_every_prompt_uses(tmp_path):
+    """data_prep.py --question genres: stored in meta.json, read back by common.prompt_options,
+    and the explanations' prompts end with that question; a default run keeps its old meta."""
+    d = tmp_path / "run"
+    data_prep.main(["--run-dir", str(d), "--dataset", "synthetic", "--n-users", "40", "--n-items",
+                    "30", "--n-interactions", "800", "--history-len", "4", "--prompt-style", "genres",
+                    "--question", "genres", "--max-samples", "valid=3"])
+    P = RunPaths(d)
+    assert common.prompt_options(P) == {"style": "genres", "question": "genres"}
+    stage2_reward.main(["--run-dir", str(d), "--split", "valid", "--tag", "base", "--model", "tiny",
+                        "--dtype", "float32", "--max-new-tokens", "3", "--gen-batch", "4"])
+    items = common.load_items(P)
+    for row in common.read_jsonl(P.explanations("base", "valid")):
+        title = items[row["iid"]]["title"]
+        assert row["prompt"].endswith(common.QUESTIONS["genres"].format(title=title))
+        assert "liked: " in row["prompt"] and " (" in row["prompt"].split("\n")[0]  # genre counts
+    data_prep.main(["--run-dir", str(tmp_path / "old"), "--dataset", "synthetic", "--n-users", "40",
+                    "--n-items", "30", "--n-interactions", "800"])
+    assert "question" not in common.read_json(RunPaths(tmp_path / "old").meta)["args"]
+    assert common.prompt_options(RunPaths(tmp_path / "old"))["question"] == "paper"
+    with pytest.raises(ExpCTRError, match="question 'x'"):
+        common.build_prompt({"uid": "1", "iid": "2", "hist": []}, {}, question="x")
+
+
+def test_scorer_target_view_reads_the_explanation_not_the_history(tmp_path):
+    """--scorer-view target: beside an explanation the scorer sees the target, not the history;
+    without one it reads the full prompt; the view is saved with the adapter and restored."""
+    s = {"uid": "1", "iid": "2", "label": 1, "ts": 0, "hist": [["3", 1], ["4", 0]]}
+    items = {"2": {"iid": "2", "title": "Heat", "genres": ["Crime"]},
+             "3": {"iid": "3", "title": "Up", "genres": ["Comedy", "Crime"]},
+             "4": {"iid": "4", "title": "Jaws", "genres": ["Horror"]}}
+    prompt, t = common.build_prompt(s, items, "genres"), common.target_text(s, items)
+    full = common.build_scorer_prompt(prompt, "He likes crime.", t)
+    view = common.build_scorer_prompt(prompt, "He likes crime.", t, view="target")
+    assert "liked: Comedy (1), Crime (1)." in full
+    assert view == ("Explanation: He likes crime.\nTarget item: Heat (Crime).\n"
+                    "Will the user click Heat (Crime)? Answer Yes or No.")
+    assert common.build_scorer_prompt(prompt, None, t, view="target") == \
+        common.build_scorer_prompt(prompt, None, t)
+    with pytest.raises(ExpCTRError, match="scorer view"):
+        common.build_scorer_prompt(prompt, "x", t, view="history")
+    b = llm.LLM("tiny", "float32")
+    b.attach({"scorer": None}, scorer_view="target")
+    assert b.scorer_ids(prompt, "He likes crime.", t) == b.encode(b._chat(view, llm.ANSWER_PREFIX))
+    b.save_adapter("scorer", tmp_path / "s")
+    b2 = llm.LLM("tiny", "float32")
+    b2.attach({"scorer": tmp_path / "s"})
+    assert b2.scorer_view == "target"
+    assert b2.scorer_ids(prompt, "He likes crime.", t) == b.scorer_ids(prompt, "He likes crime.", t)
+
+
+def test_profile_echo_puts_the_history_lines_in_the_explanation_slot():
+    """--profile-echo: a share of the scorer's training samples read the prompt's own history
+    lines (never the label) where the explanation goes; the rest keep dropout / explanation."""
+    items = {"2": {"iid": "2", "title": "Heat", "genres": ["Crime"]},
+             "3": {"iid": "3", "title": "Up", "genres": ["Comedy", "Crime"]},
+             "4": {"iid": "4", "title": "Jaws", "genres": ["Horror"]}}
+    rows = [{"uid": str(u), "iid": "2", "label": u % 2, "ts": 0, "hist": [["3", 1], ["4", 0]]}
+            for u in range(3)]
+    ex = [{"explanation": f"text {u}"} for u in range(3)]
+    popt = {"style": "genres", "question": "paper"}
+    got = stage1_sft.train_texts(rows, ex, items, popt, [0.1, 0.4, 0.9], dropout=0.3, echo=0.35)
+    assert got == [None, "The user liked: Comedy (1), Crime (1). The user disliked: Horror (1).", "text 2"]
+    assert common.build_prompt(rows[0], items, **popt).startswith(
+        common.history_lines(rows[0], items, "genres") + "\nTarget item: Heat (Crime).")
+    assert stage1_sft.train_texts(rows, ex, items, popt, [0.1, 0.4, 0.9], 0.3, 0.0) == [None, "text 1", "text 2"]
+
+
 def _scorer_with_top_layer_lora_and_head(seed: int = 0, answer_layer: int = 0) -> llm.LLM:
     """Tiny model, scorer LoRA in the top layer only with random B, and a perturbed answer head."""
     b = llm.LLM("tiny", "float32")
@@ -516,9 +586,11 @@ def test_sft_on_cached_lower_layers_saves_a_scorer_that_predicts_what_training_m
     stage1_sft.main(["--run-dir", str(d), "--model", "tiny", "--dtype", "float32", "--epochs", "2",
                      "--batch-size", "4", "--lr", "1e-2", "--expl-tag", "none", "--lora-targets",
                      "all", "--answer-layer", "1", "--lora-layers", "1", "--answer-head", "trained",
-                     "--eval-every", "1"])
+                     "--eval-every", "1", "--scorer-view", "target", "--profile-echo", "0.5"])
     m = common.read_json(P.scorer / "metrics.json")
     assert m["answer_layer"] == 1 and (P.scorer / llm.ANSWER_HEAD_FILE).exists()
+    assert m["scorer_view"] == "target" == common.read_json(P.scorer / "expctr.json")["scorer_view"]
+    assert m["profile_echo"] == 0.5 and isinstance(m["valid_auc_profile_echo"], float)
     assert m["valid_auc_with_expl"] == m["valid_auc_no_expl"]  # no explanations anywhere
     curve = [r for r in common.read_jsonl(P.metrics) if r["stage"] == "stage1_sft_curve"]
     assert curve and [r["samples"] for r in curve] == sorted(r["samples"] for r in curve)

@@ -76,7 +76,7 @@ def test_text_emb_and_warm_start(run, model):
     id_pred = train_ctr.load_checkpoint(run / "ctr" / model)
     # warm start: an Aug net initialised from the ID net predicts what the ID net predicted
     cfg = dict(id_pred.cfg, text_dim=8)
-    net = train_ctr.CTRNet(cfg)
+    net = train_ctr.build_net(cfg)
     n = train_ctr.warm_start(net, id_pred.ckpt["state_dict"], cfg)
     assert n == len(id_pred.ckpt["state_dict"])
     test = common.load_split(common.RunPaths(run), "test")

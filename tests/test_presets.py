@@ -1,0 +1,66 @@
+"""Presets (presets/*.toml): every option is one its script accepts, the paper preset is the
+scripts' argparse defaults, and run.sh reads the files (no second copy of a setting)."""
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import data_prep
+import presets
+import stage1_sft
+import stage2_reward
+import stage3_rl
+from common import ExpCTRError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def step_args(cfg: dict) -> dict:
+    """Each step as run.sh builds it: (script, the preset's options, the step's own mode options)."""
+    a, llm = presets.to_argv, presets.to_argv(cfg["llm"])
+    return {"data_prep": (data_prep, a(cfg["world"]) + a(cfg["data"]), []),
+            "explanations": (stage2_reward, llm + a(cfg["generation"]), ["--split", "train", "--tag", "base"]),
+            "rollouts": (stage2_reward, llm + a(cfg["generation"]) + a(cfg["rollouts"]), ["--iter", "1"]),
+            "scorer": (stage1_sft, llm + a(cfg["scorer"]), []),
+            "ppo": (stage3_rl, llm + a(cfg["ppo"]), ["--iter", "1"])}
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_every_preset_option_is_accepted_by_its_script(name):
+    assert set(presets.names()) >= {"smoke", "quick", "planted", "paper"}
+    for step, (mod, opts, mode) in step_args(presets.load(name)).items():
+        mod.parse_args(["--run-dir", "x"] + opts + mode)  # a bad option exits: the test fails
+
+
+def test_paper_preset_equals_the_argparse_defaults():
+    """Typing a step without options gives the paper preset's setting (the [data] subsets and
+    [run] schedule exist in the preset alone)."""
+    for step, (mod, opts, mode) in step_args(presets.load("paper")).items():
+        got = vars(mod.parse_args(["--run-dir", "x"] + opts + mode))
+        default = vars(mod.parse_args(["--run-dir", "x"] + mode))
+        skip = {"max_samples"}  # the LLM subsets: a preset choice, the script's default is all data
+        diff = {k: (got[k], default[k]) for k in got if k not in skip and got[k] != default[k]}
+        assert not diff, f"{step}: paper preset differs from the argparse defaults: {diff}"
+
+
+def test_preset_files_drive_run_sh(tmp_path):
+    sh, cfg = presets.shell("planted"), presets.load("planted")
+    assert "SFT=(" + " ".join(presets.to_argv(cfg["scorer"])) + ")" in sh.splitlines()
+    assert "WORLD=(--dataset synthetic " in sh and f"N1={cfg['run']['n1']}" in sh
+    text = (ROOT / "run.sh").read_text()
+    assert "presets.py \"$PRESET\" shell" in text and "--lora-layers" not in text  # no second copy
+    bad = tmp_path / "presets"
+    bad.mkdir()
+    (bad / "x.toml").write_text("[run]\nfolder = 'x'\n[sampler]\nk = 1\n")
+    old, presets.PRESET_DIR = presets.PRESET_DIR, bad
+    try:
+        with pytest.raises(ExpCTRError, match=r"section \[sampler\]"):
+            presets.load("x")
+        (bad / "x.toml").write_text("[run]\nfolder = 'x'\n")
+        with pytest.raises(ExpCTRError, match=r"\[run\] needs model"):
+            presets.shell("x")
+    finally:
+        presets.PRESET_DIR = old
+    r = subprocess.run(["bash", str(ROOT / "run.sh"), "--preset", "nope", "--runs-dir", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "presets/nope.toml" in r.stderr

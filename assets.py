@@ -60,7 +60,7 @@ _CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['rol
 
 def _tiny_corpus(seed: int) -> list[str]:
     rng = random.Random(seed)
-    words = list(_TINY_WORDS)
+    words = list(_TINY_WORDS) + common.GENRES + common.ADJ + common.NOUN  # the synthetic world's
     lines = []
     for _ in range(3000):
         title = " ".join(rng.choice(words).capitalize() for _ in range(rng.randint(1, 3)))

@@ -250,6 +250,20 @@ def set_seed(seed: int) -> None:
         pass
 
 
+# ----------------------------------------------------------------------------- synthetic words
+# The planted world's catalogue vocabulary: data_prep.py builds its genres and titles ("The
+# <ADJ> <NOUN>") from these, and the tiny test model's tokenizer (assets.py) is trained on them.
+GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+          "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+          "Thriller", "War", "Western"]
+ADJ = ["Silent", "Crimson", "Hidden", "Broken", "Golden", "Midnight", "Lost", "Electric",
+       "Frozen", "Wild", "Secret", "Burning", "Distant", "Last", "Iron", "Velvet", "Hollow",
+       "Bright", "Savage", "Gentle", "Endless", "Northern", "Restless", "Quiet", "Scarlet"]
+NOUN = ["Harbor", "Garden", "Empire", "River", "Kingdom", "Letter", "Mountain", "Frontier",
+        "Mirror", "Station", "Orchard", "Island", "Circus", "Detective", "Voyage", "Storm",
+        "Lantern", "Canyon", "Symphony", "Horizon", "Cathedral", "Desert", "Carnival", "Signal"]
+
+
 # ----------------------------------------------------------------------------- the prompt
 # [paper] PAPER_NOTES.md §1. The target's label never enters this text (tests/ check it).
 SYSTEM_PROMPT = "You are a helpful online recommendation assistant."

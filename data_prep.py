@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import common
 import readers
-from common import ExpCTRError, RunPaths
+from common import ADJ, GENRES, NOUN, ExpCTRError, RunPaths
 
 DATASETS = ("ml-100k", "ml-1m", "ml-20m", "bookcrossing", "amazon-books", "synthetic")
 # [ours] default label rules, PAPER_NOTES §7 (MovieLens >= 4, BookCrossing >= 5 of 10, Amazon >= 4)
@@ -89,17 +89,6 @@ def parse_args(argv=None):
 
 
 # ---- algorithm: the synthetic planted world ------------------------------------------------
-GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-          "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
-          "Thriller", "War", "Western"]
-ADJ = ["Silent", "Crimson", "Hidden", "Broken", "Golden", "Midnight", "Lost", "Electric",
-       "Frozen", "Wild", "Secret", "Burning", "Distant", "Last", "Iron", "Velvet", "Hollow",
-       "Bright", "Savage", "Gentle", "Endless", "Northern", "Restless", "Quiet", "Scarlet"]
-NOUN = ["Harbor", "Garden", "Empire", "River", "Kingdom", "Letter", "Mountain", "Frontier",
-        "Mirror", "Station", "Orchard", "Island", "Circus", "Detective", "Voyage", "Storm",
-        "Lantern", "Canyon", "Symphony", "Horizon", "Cathedral", "Desert", "Carnival", "Signal"]
-
-
 SYNTH_BIAS = -0.3  # [ours] the planted click model's intercept (logit units)
 
 

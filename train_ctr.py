@@ -190,13 +190,16 @@ class CTRModel(nn.Module):
                 (b["hlab"] > 0).float())
 
     def pooled_history(self, b):  # [ours] DeepFM/DCNv2: mean of liked, mean of disliked items
-        hk = self.history(b)[0]
+        hk = self.item(b["hid"]) + self.genre_mean(b["hgen"])
         pool = lambda m: (hk * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
         return [pool((b["hlab"] == 2).float()), pool((b["hlab"] == 1).float())]
 
-    def all_fields(self, b, hist: list, text) -> list:  # [B, d] each, in a fixed order
-        out = [self.user(b["uid"]), self.item(b["iid"]), self.genre_mean(b["tgen"])]
-        out += [emb(b["prof"][:, f]) for f, emb in enumerate(self.fields)] + hist
+    def id_fields(self, b) -> list:  # user, item, target genres, profile fields: [B, d] each
+        return ([self.user(b["uid"]), self.item(b["iid"]), self.genre_mean(b["tgen"])] +
+                [emb(b["prof"][:, f]) for f, emb in enumerate(self.fields)])
+
+    def all_fields(self, ids: list, hist: list, text) -> list:  # [B, d] each, in a fixed order
+        out = ids + hist
         if self.cfg["text_dim"]:
             out.append(self.text_proj(text))  # [paper] ExpCTR-Aug: the explanation is one more field
         return out
@@ -216,7 +219,7 @@ class DeepFM(CTRModel):
         self.out = nn.Linear(self.hidden[-1], 1)
 
     def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
-        fields = self.all_fields(b, self.pooled_history(b), text)
+        fields = self.all_fields(self.id_fields(b), self.pooled_history(b), text)
         e = torch.stack(fields, 1)
         fm = 0.5 * (e.sum(1).pow(2) - e.pow(2).sum(1)).sum(-1)
         gm = (b["tgen"] > 0).float()
@@ -236,7 +239,7 @@ class DCNv2(CTRModel):
         self.out = nn.Linear(self.hidden[-1] + self.width, 1)
 
     def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
-        x = torch.cat(self.all_fields(b, self.pooled_history(b), text), -1)
+        x = torch.cat(self.all_fields(self.id_fields(b), self.pooled_history(b), text), -1)
         xl = x
         for layer in self.cross:
             xl = x * layer(xl) + xl
@@ -257,11 +260,12 @@ class DIN(CTRModel):
         self.out = nn.Linear(self.hidden[-1], 1)
 
     def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
+        ids = self.id_fields(b)
         hk, sign, mask = self.history(b)
-        q = (self.item(b["iid"]) + self.genre_mean(b["tgen"])).unsqueeze(1).expand_as(hk)
+        q = (ids[1] + ids[2]).unsqueeze(1).expand_as(hk)  # query: target item + its genre mean
         w = self.att(torch.cat([q, hk, q - hk, q * hk, sign], -1)).squeeze(-1) * mask  # pads: 0
         hist = [(w.unsqueeze(-1) * hk).sum(1), (w.unsqueeze(-1) * sign).sum(1)]
-        return self.out(self.deep(torch.cat(self.all_fields(b, hist, text), -1))).squeeze(-1)
+        return self.out(self.deep(torch.cat(self.all_fields(ids, hist, text), -1))).squeeze(-1)
 
 
 NETS = {"deepfm": DeepFM, "dcnv2": DCNv2, "din": DIN}

@@ -172,13 +172,13 @@ class LLM:
                 self.model.load_adapter(str(src), adapter_name=name, is_trainable=True)
             else:
                 self.model.add_adapter(name, cfg)
-            depth = (common.read_json(Path(src) / "expctr.json").get("answer_layer", 0)
-                     if src is not None and (Path(src) / "expctr.json").exists() else answer_layer)
+            meta = (common.read_json(Path(src) / "expctr.json")
+                    if src is not None and (Path(src) / "expctr.json").exists() else None)
+            depth = meta.get("answer_layer", 0) if meta is not None else answer_layer
             if depth and depth != self.n_layers:
                 self.depth[name] = int(depth)
             if name == "scorer":
-                saved = (common.read_json(Path(src) / "expctr.json").get("scorer_view", "full")
-                         if src is not None and (Path(src) / "expctr.json").exists() else None)
+                saved = meta.get("scorer_view", "full") if meta is not None else None
                 self.scorer_view = saved or scorer_view or "full"
                 common.build_scorer_prompt("x", None, view=self.scorer_view)  # checks the name
             if src is not None and (Path(src) / ANSWER_HEAD_FILE).exists():

@@ -64,7 +64,6 @@ PRESET_SH=$("$PY" presets.py "$PRESET" shell)   # prints the variables below; a 
 eval "$PRESET_SH"
 R="$RUNS_DIR/$RUN_NAME"
 DATA=("${WORLD[@]}" "${DATA_ONLY[@]}")   # the LLM run's data; the ID benchmark uses WORLD alone
-BENCH_DATA=("${WORLD[@]}")
 
 # ---- plumbing: timed steps -------------------------------------------------------------------
 T_ALL=$(date +%s)
@@ -93,7 +92,7 @@ EOF
 # ---- 0. ID-CTR benchmark on full MovieLens-100K (quick preset) --------------------------------
 if [ "$ID_BENCH" = 1 ]; then
   B="$RUNS_DIR/$BENCH"
-  R="$B" step "bench data_prep" "$PY" data_prep.py --run-dir "$B" "${BENCH_DATA[@]}"
+  R="$B" step "bench data_prep" "$PY" data_prep.py --run-dir "$B" "${WORLD[@]}"
   for m in "${CTR_MODELS[@]}"; do
     R="$B" step "bench train_ctr $m" "$PY" train_ctr.py --run-dir "$B" --model "$m"
   done

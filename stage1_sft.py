@@ -132,7 +132,7 @@ def predict_p(bundle: llm.LLM, prompts: list[str], variants: list[list[str | Non
 def profile_echo(sample: dict, items: dict, popt: dict) -> str:
     """[ours] The --profile-echo text: the user's liked / disliked history as the prompt shows it,
     in the explanation's place (no label, no target verdict)."""
-    return common.history_lines(sample, items, popt.get("style", "items")).replace("\n", " ")
+    return common.history_lines(sample, items, popt["style"]).replace("\n", " ")
 
 
 def train_texts(rows, ex, items, popt, u, dropout: float, echo: float) -> list[str | None]:

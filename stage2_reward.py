@@ -179,7 +179,7 @@ def generate_all(bundle, adapter, prompt_ids, args, greedy, desc, on_batch=None,
     return comps if greedy else (comps, [gen_lp[i] for i in range(len(prompt_ids))])
 
 
-def sample_and_score(bundle, actor, samples, items, args, seed, desc, popt=None):
+def sample_and_score(bundle, actor, samples, items, args, seed, desc, popt):
     """K samples per prompt from `actor` (None = base), their rewards and log-probs; one dict of
     per-sample lists. `behaviour_gap` = max |log-prob as generation computed it - logp_old|: the
     sampling policy and the stored one are the same distribution up to float rounding."""

@@ -185,12 +185,14 @@ class CTRModel(nn.Module):
         m = (g > 0).float().unsqueeze(-1)
         return (self.genre(g) * m).sum(-2) / m.sum(-2).clamp(min=1)
 
+    def history_items(self, b):  # [B, K, d]: each history item as item + its genre mean
+        return self.item(b["hid"]) + self.genre_mean(b["hgen"])
+
     def history(self, b):  # -> items [B,K,d], their signs [B,K,d], mask [B,K]
-        return (self.item(b["hid"]) + self.genre_mean(b["hgen"]), self.sign(b["hlab"]),
-                (b["hlab"] > 0).float())
+        return self.history_items(b), self.sign(b["hlab"]), (b["hlab"] > 0).float()
 
     def pooled_history(self, b):  # [ours] DeepFM/DCNv2: mean of liked, mean of disliked items
-        hk = self.item(b["hid"]) + self.genre_mean(b["hgen"])
+        hk = self.history_items(b)
         pool = lambda m: (hk * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
         return [pool((b["hlab"] == 2).float()), pool((b["hlab"] == 1).float())]
 

@@ -6,6 +6,8 @@ stage2_reward.py, stage3_rl.py, evaluate.py) reads and writes files inside one r
 
     runs/<name>/
       data/{train,valid,test}.jsonl   samples (schema: SAMPLE_FIELDS)          <- data_prep.py
+      data/store/                     large splits as columns instead (sample_store.py; a split
+                                      is in one of the two; load_split reads either)
       data/{rl,probe}.jsonl           RL prompts / reward-probe prompts, carved
                                       out of the training period (never trained on by a reward model)
       data/items.jsonl                item catalogue (schema: ITEM_FIELDS)     <- data_prep.py
@@ -384,7 +386,21 @@ def load_items(paths: RunPaths) -> dict[str, dict]:
     return {r["iid"]: r for r in rows}
 
 
+def has_split(paths: RunPaths, split: str) -> bool:
+    """Whether data_prep.py wrote `split`, as JSONL or into the columnar store."""
+    return paths.split(split).exists() or split in store_splits(paths)
+
+
+def store_splits(paths: RunPaths) -> list[str]:
+    f = paths.data / "store" / "store.json"
+    return list(read_json(f)["counts"]) if f.exists() else []
+
+
 def load_split(paths: RunPaths, split: str) -> list[dict]:
+    """A split's samples as dicts: data/<split>.jsonl, or (large splits) the columnar store."""
+    if not paths.split(split).exists() and split in store_splits(paths):
+        import sample_store
+        return sample_store.SampleStore(paths.data / "store").rows(split)
     return read_jsonl(paths.require(paths.split(split), "python data_prep.py"), SAMPLE_FIELDS)
 
 

@@ -69,7 +69,7 @@ SHELL_ARRAYS = {"WORLD": "world", "DATA_ONLY": "data", "LLM": "llm", "GEN": "gen
                 "ROLL": "rollouts", "SFT": "scorer", "PPO": "ppo"}
 SHELL_SCALARS = {"RUN_NAME": "folder", "MODEL": "model", "CTR_MODELS": "ctr_models",
                  "ID_BENCH": "id_bench", "BENCH": "bench", "N1": "n1", "N3": "n3",
-                 "LAMBDA": "lambda_ic", "PRED_SPLITS": "pred_splits"}
+                 "LAMBDA": "lambda_ic", "PRED_SPLITS": "pred_splits", "PROBE_EVERY": "probe_every"}
 RUN_REQUIRED = ("folder", "model", "ctr_models", "id_bench", "n1", "n3", "lambda_ic", "pred_splits")
 
 

@@ -1,7 +1,8 @@
 """Raw-format readers of data_prep.py: the paper's datasets in their official files -> interactions.
 
 Each load_<dataset>(args) returns (interactions, items, users, sources):
-  interactions  list of (uid, iid, ts, rating)
+  interactions  an Interactions table (columns uid, iid, ts, rating; ML-20M's ratings.csv is
+                parsed by pyarrow, column-wise; the smaller formats row by row)
   items         {iid: {"iid", "title", "genres", ["year"]}}
   users         {uid: {field: str}}
   sources       the files read (name, sha256), for data/meta.json
@@ -22,10 +23,38 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 import common
 from common import ExpCTRError
+
+class Interactions:
+    """The raw interactions as columns, in file order: uid and iid as codes into string tables
+    (`users`, `items`: numpy str arrays, any order), ts int64, rating float64 (NaN = none)."""
+
+    def __init__(self, uid, users, iid, items, ts, rating):
+        self.uid, self.users = np.asarray(uid, np.int32), np.asarray(users, dtype=str)
+        self.iid, self.items = np.asarray(iid, np.int32), np.asarray(items, dtype=str)
+        self.ts, self.rating = np.asarray(ts, np.int64), np.asarray(rating, np.float64)
+
+    def __len__(self):
+        return len(self.ts)
+
+    @classmethod
+    def from_tuples(cls, rows: list[tuple]) -> "Interactions":
+        """From (uid, iid, ts, rating) tuples (rating None = no rating)."""
+        if not rows:
+            return cls([], [], [], [], [], [])
+        uid, iid, ts, rating = zip(*rows)
+        users, u = np.unique(np.array(uid, dtype=str), return_inverse=True)
+        items, i = np.unique(np.array(iid, dtype=str), return_inverse=True)
+        return cls(u, users, i, items, ts, [np.nan if r is None else r for r in rating])
+
+    def take(self, mask) -> "Interactions":
+        return Interactions(self.uid[mask], self.users, self.iid[mask], self.items,
+                            self.ts[mask], self.rating[mask])
+
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -181,7 +210,7 @@ def load_ml100k(args):
     p_user, rows = atomic("ml-100k.user", ["user_id", "age", "gender", "occupation"])
     users = {r["user_id"]: {"age": age_bucket(r["age"]), "gender": r["gender"],
                             "occupation": r["occupation"]} for _, r in rows}
-    return inter, items, users, [p_int, p_item, p_user]
+    return Interactions.from_tuples(inter), items, users, [p_int, p_item, p_user]
 
 
 ML1M_OCC = ["other", "academic/educator", "artist", "clerical/admin", "college/grad student",
@@ -209,16 +238,48 @@ def load_ml1m(args):
         occ = int(to_num(p[3], int, w, "Occupation"))
         users[p[0]] = {"age": ML1M_AGE.get(p[2], "unknown"), "gender": p[1],
                        "occupation": ML1M_OCC[occ] if 0 <= occ < len(ML1M_OCC) else "other"}
-    return inter, items, users, [p_r, p_m, p_u]
+    return Interactions.from_tuples(inter), items, users, [p_r, p_m, p_u]
+
+
+def read_ratings_csv(path: Path) -> Interactions:
+    """ML-20M's ratings.csv (userId,movieId,rating,timestamp) in one pass of pyarrow's
+    multithreaded CSV reader (ids kept as strings, dictionary-encoded). [ours] A malformed file is
+    re-read by the row-by-row reader, only to name the bad line in the one-line error."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    fields = ["userId", "movieId", "rating", "timestamp"]
+    with open_text(path, "utf-8") as f:
+        header = f.readline().rstrip("\r\n").split(",")
+    if header[:4] != fields:
+        raise ExpCTRError(f"{path}:1: expected header {','.join(fields)!r} (separator ','), "
+                          f"got {','.join(header)[:80]!r}")
+    try:
+        t = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+            column_types={"userId": pa.string(), "movieId": pa.string(), "rating": pa.float64(),
+                          "timestamp": pa.float64()}, include_columns=fields))
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        for _ in read_csv(path, fields):  # raises the precise one-line error
+            pass
+        raise ExpCTRError(f"{path}: not a valid CSV of {','.join(fields)}") from None
+    cols = {}
+    for name in ("userId", "movieId"):
+        enc = t.column(name).combine_chunks().dictionary_encode()
+        cols[name] = (enc.indices.to_numpy(zero_copy_only=False),
+                      np.array(enc.dictionary.to_pylist(), dtype=str))
+    rating, ts = (t.column(c).to_numpy() for c in ("rating", "timestamp"))
+    del t
+    pa.default_memory_pool().release_unused()
+    bad = np.flatnonzero(np.isnan(rating) | np.isnan(ts))
+    if len(bad):  # an empty field (pyarrow reads it as null)
+        raise ExpCTRError(f"{path}:{bad[0] + 2}: fields 'rating' and 'timestamp' should be numbers")
+    return Interactions(cols["userId"][0], cols["userId"][1], cols["movieId"][0],
+                        cols["movieId"][1], ts.astype(np.int64), rating)
 
 
 def load_ml20m(args):
     raw = Path(args.raw_dir) if args.raw_dir else None
     p_r, p_m = need(raw, "ratings.csv"), need(raw, "movies.csv")
-    inter = [(r["userId"], r["movieId"], to_num(r["timestamp"], int, w, "timestamp"),
-              to_num(r["rating"], float, w, "rating"))
-             for w, r in tqdm(read_csv(p_r, ["userId", "movieId", "rating", "timestamp"]),
-                              desc="ratings.csv", unit=" rows", mininterval=2, disable=None)]
+    inter = read_ratings_csv(p_r)
     items = {}
     for _, r in read_csv(p_m, ["movieId", "title", "genres"]):
         title, year = split_title_year(r["title"])
@@ -254,7 +315,7 @@ def load_bookcrossing(args):
             country = r["Location"].split(",")[-1].strip() or "unknown"
             users[r["User-ID"]] = {"age": age_bucket(r["Age"]), "country": country}
         sources.append(p_u)
-    return inter, items, users, sources
+    return Interactions.from_tuples(inter), items, users, sources
 
 
 def read_json_lines(path: Path):
@@ -299,7 +360,7 @@ def load_amazon_books(args):
         title = str(r.get("title", "")).strip()
         if title:  # items without a title cannot be shown to the LLM; their ratings are dropped
             items[str(r["asin"])] = {"iid": str(r["asin"]), "title": title, "genres": genres}
-    return inter, items, {}, [p_r, p_m]
+    return Interactions.from_tuples(inter), items, {}, [p_r, p_m]
 
 
 LOADERS = {"ml-100k": load_ml100k, "ml-1m": load_ml1m, "ml-20m": load_ml20m,

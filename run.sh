@@ -132,7 +132,11 @@ ppo_iter() {  # ppo_iter K LAMBDA [AUG]
   step "rollouts iter $k" "$PY" stage2_reward.py "${A[@]}" "${GEN[@]}" "${ROLL[@]}" --iter "$k" \
        --lambda-ic "$lam" "${aug[@]}"
   step "ppo iter $k" "$PY" stage3_rl.py "${A[@]}" "${PPO[@]}" --iter "$k"
-  probe "iter_$k"
+  # the probe after every PROBE_EVERY-th iteration (preset [run] probe_every, default 1), and
+  # always after the last LC iteration and the last iteration
+  if [ $((k % ${PROBE_EVERY:-1})) = 0 ] || [ "$k" = "$N1" ] || [ "$k" = $((N1 + N3 * ROUNDS)) ]; then
+    probe "iter_$k"
+  fi
 }
 
 # ---- 4. phase 1: LC alignment -------------------------------------------------------------------

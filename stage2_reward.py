@@ -306,9 +306,10 @@ def reward_inputs(args, paths: RunPaths, split: str) -> tuple[Path, list[dict]]:
     if args.aug:
         paths.require(Path(args.aug), "python train_ctr.py --run-dir R --model din --text-emb ... "
                       "--init-from R/ctr/din --out-name aug_...")
-    rows = common.read_jsonl(paths.require(paths.split(split), f"python data_prep.py --run-dir "
-                                           f"{paths.root} --force (older run folders have no {split} "
-                                           f"split)"), common.SAMPLE_FIELDS)
+    if not common.has_split(paths, split):
+        paths.require(paths.split(split), f"python data_prep.py --run-dir {paths.root} --force "
+                                          f"(older run folders have no {split} split)")
+    rows = common.load_split(paths, split)
     if not rows:
         raise ExpCTRError(f"{paths.split(split)}: no samples; rebuild the data with "
                           f"--{split}-frac > 0 (data_prep.py)")

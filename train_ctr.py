@@ -6,7 +6,8 @@ sample is projected (LayerNorm + Linear to emb_dim) and concatenated with the ID
 embeddings before the MLP / cross layers (ExpCTR-Aug); --init-from warm-starts it from the
 ID-only checkpoint. stage2_reward.py uses `load_checkpoint(...).predict` for the IC reward.
 
-Reads   runs/X/data/{train,valid,test}.jsonl, items.jsonl, meta.json (data_prep.py);
+Reads   runs/X/data/{train,valid,test}.jsonl or the columnar store data/store/ (large splits,
+        memory-mapped; batches gathered by ctr_features.py with numpy), items.jsonl, meta.json;
         optional text embeddings --text-emb 'runs/X/explanations/<tag>/{split}.npy' (row-aligned
         with data/<split>.jsonl) or '.../{split}.jsonl' with uid/iid/emb keys.
 Writes  runs/X/ctr/<out-name>/{model.pt, metrics.json, preds_valid.jsonl, preds_test.jsonl}
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +32,23 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import common
+import ctr_features
 import metrics
+import sample_store
 from common import ExpCTRError, RunPaths
+from ctr_features import Features
+from sample_store import SplitArrays
 
 EVAL_BATCH = 4096  # samples per forward pass when predicting (no gradients)
 DIN_ATT_WIDTH = 36  # hidden units of DIN's attention MLP (the DIN paper's activation unit: 36)
 POP_SMOOTHING = 20.0  # [ours] pseudo-samples at the global rate added to every item's count
 
 MODELS = ("deepfm", "dcnv2", "din", "popularity", "logreg")
+# [ours] per-backbone defaults (FuxiCTR-style model configs), chosen on ML-100K valid AUC, mean
+# of 3 seeds, over emb-reg {0, 1e-3, 1e-2} x dropout {0.1, 0.3} (scripts/ctr_table.py; README)
+MODEL_DEFAULTS = {"deepfm": {"emb_reg": 1e-2, "dropout": 0.3},
+                  "dcnv2": {"emb_reg": 1e-3, "dropout": 0.3},
+                  "din": {"emb_reg": 1e-2, "dropout": 0.1}}
 
 
 def parse_args(argv=None):
@@ -58,10 +67,15 @@ def parse_args(argv=None):
                    "checkpoint reads --text-emb, e.g. another policy's explanations)")
     p.add_argument("--batch-size", type=int, default=1024, help="training batch size")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (all parameters)")
+    p.add_argument("--emb-reg", type=float, default=None,
+                   help="L2 penalty on the embedding tables, added to the loss as emb_reg/2 * "
+                        "||W||^2 per table (FuxiCTR's embedding_regularizer; default: "
+                        "MODEL_DEFAULTS of the model)")
     p.add_argument("--emb-dim", type=int, default=16, help="embedding size of every field")
     p.add_argument("--mlp", default="128,64", help="hidden sizes of the MLP tower")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout in the MLP tower")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout in the MLP tower (default: MODEL_DEFAULTS of the model)")
     p.add_argument("--patience", type=int, default=3,
                    help="stop after this many epochs in a row without a better valid AUC")
     p.add_argument("--smoothing", type=float, default=POP_SMOOTHING,
@@ -70,7 +84,11 @@ def parse_args(argv=None):
                    help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--force", action="store_true", help="retrain even if metrics.json exists")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for k, v in MODEL_DEFAULTS.get(a.model, {"emb_reg": 0.0, "dropout": 0.1}).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return a
 
 
 # ---- plumbing: metrics ----------------------------------------------------------------------
@@ -79,54 +97,16 @@ def evaluate_predictions(labels, probs, uids) -> dict:
     return metrics.ctr_metrics(labels, probs, uids)
 
 
-# ---- plumbing: features (vocabulary from train only; index 0 = unknown / padding) -----------
-def build_vocab(train: list[dict], items: dict[str, dict], user_fields: list[str]) -> dict:
-    def index(values):
-        return {v: i + 1 for i, v in enumerate(sorted(set(values)))}
-    genres = index(g for s in train for g in items.get(s["iid"], {}).get("genres", []))
-    # genres are catalogue content (known for any item), so each catalogue item keeps its genres
-    item_genres = {iid: [genres[g] for g in it["genres"] if g in genres]
-                   for iid, it in items.items()}
-    return {"uid": index(s["uid"] for s in train), "iid": index(s["iid"] for s in train),
-            "genre": genres, "item_genres": {k: v for k, v in item_genres.items() if v},
-            "user_fields": list(user_fields),
-            "field": {f: index(str(s.get("user", {}).get(f, "")) for s in train)
-                      for f in user_fields},
-            "max_genres": max([len(v) for v in item_genres.values()] + [1]),
-            "hist_len": max([len(s["hist"]) for s in train] + [1])}
+# ---- plumbing: features (ctr_features.py: vocabulary from train, batches gathered by numpy) ---
+def load_split_arrays(paths: RunPaths, split: str) -> SplitArrays:
+    """A split as columns: from the columnar store (large splits) or from its JSONL."""
+    if split in common.store_splits(paths) and not paths.split(split).exists():
+        return sample_store.SampleStore(paths.data / "store").arrays(split)
+    return SplitArrays.from_rows(common.load_split(paths, split))
 
 
-def featurize(samples: list[dict], vocab: dict) -> dict[str, torch.Tensor]:
-    """All model inputs as tensors, built once per split."""
-    n, K, G = len(samples), vocab["hist_len"], vocab["max_genres"]
-    uv, iv, ig = vocab["uid"], vocab["iid"], vocab["item_genres"]
-    uid = np.zeros(n, np.int64)
-    iid = np.zeros(n, np.int64)
-    tgen = np.zeros((n, G), np.int64)
-    hid = np.zeros((n, K), np.int64)
-    hlab = np.zeros((n, K), np.int64)
-    hgen = np.zeros((n, K, G), np.int64)
-    prof = np.zeros((n, max(1, len(vocab["user_fields"]))), np.int64)
-    for r, s in enumerate(samples):
-        uid[r] = uv.get(s["uid"], 0)
-        iid[r] = iv.get(s["iid"], 0)
-        g = ig.get(s["iid"], [])[:G]
-        tgen[r, :len(g)] = g
-        hist = s["hist"][-K:]
-        for j, (h, lab) in enumerate(hist):
-            hid[r, j] = iv.get(h, 0)
-            hlab[r, j] = 2 if lab == 1 else 1  # 0 pad, 1 disliked, 2 liked
-            g = ig.get(h, [])[:G]
-            hgen[r, j, :len(g)] = g
-        user = s.get("user", {})
-        for f, name in enumerate(vocab["user_fields"]):
-            prof[r, f] = vocab["field"][name].get(str(user.get(name, "")), 0)
-    return {k: torch.from_numpy(v) for k, v in dict(uid=uid, iid=iid, tgen=tgen, hid=hid,
-            hlab=hlab, hgen=hgen, prof=prof).items()}
-
-
-def load_text_emb(pattern: str, split: str, samples: list[dict]) -> np.ndarray:
-    """Text embeddings of one split, row-aligned with data/<split>.jsonl."""
+def load_text_emb(pattern: str, split: str, samples: SplitArrays) -> np.ndarray:
+    """Text embeddings of one split, row-aligned with data/<split>.jsonl (or its store rows)."""
     path = Path(pattern.format(split=split))
     if not path.exists():
         raise ExpCTRError(f"{path}: file not found (--text-emb {pattern})")
@@ -140,10 +120,11 @@ def load_text_emb(pattern: str, split: str, samples: list[dict]) -> np.ndarray:
     by_key = {(r["uid"], r["iid"], r.get("ts")): r["emb"] for r in rows}
     by_pair = {(r["uid"], r["iid"]): r["emb"] for r in rows}
     out = []
-    for s in samples:
-        e = by_key.get((s["uid"], s["iid"], s["ts"]), by_pair.get((s["uid"], s["iid"])))
+    for u, i, t in zip(samples.users[samples.uid].tolist(), samples.items[samples.iid].tolist(),
+                       samples.ts.tolist()):
+        e = by_key.get((u, i, t), by_pair.get((u, i)))
         if e is None:
-            raise ExpCTRError(f"{path}: no 'emb' for uid={s['uid']} iid={s['iid']} "
+            raise ExpCTRError(f"{path}: no 'emb' for uid={u} iid={i} "
                               f"(expected one row per sample of data/{split}.jsonl)")
         out.append(e)
     return np.asarray(out, dtype=np.float32)
@@ -161,7 +142,9 @@ class CTRModel(nn.Module):
     """What every ID backbone shares (FuxiCTR-style base class): one emb_dim-wide embedding per
     field - user, item, target genres (mean), each user-profile field - the history items
     (item + genre mean, with a liked/disliked sign), and ExpCTR-Aug's text field. A backbone adds
-    its history encoding (2 fields) and its interaction layers."""
+    its history encoding (HIST_FIELDS fields) and its interaction layers. Genre means are computed
+    once per distinct item of the batch (ctr_features: ugen, tpos, hpos), not per history slot."""
+    HIST_FIELDS = 2
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -178,26 +161,30 @@ class CTRModel(nn.Module):
                 nn.init.zeros_(emb.weight[emb.padding_idx])
         if c["text_dim"]:  # [paper] ExpCTR-Aug: the explanation embedding, projected to a field
             self.text_proj = nn.Sequential(nn.LayerNorm(c["text_dim"]), nn.Linear(c["text_dim"], d))
-        self.width = (3 + len(c["n_field"]) + 2 + (1 if c["text_dim"] else 0)) * d  # all fields
+        self.width = (3 + len(c["n_field"]) + self.HIST_FIELDS + (1 if c["text_dim"] else 0)) * d
         self.hidden = [int(h) for h in c["mlp"].split(",") if h]
 
     def genre_mean(self, g):  # g [..., G] -> [..., d]
         m = (g > 0).float().unsqueeze(-1)
         return (self.genre(g) * m).sum(-2) / m.sum(-2).clamp(min=1)
 
-    def history_items(self, b):  # [B, K, d]: each history item as item + its genre mean
-        return self.item(b["hid"]) + self.genre_mean(b["hgen"])
+    def genre_means(self, b):  # [U, d]: the genre mean of each distinct item of the batch
+        return self.genre_mean(b["ugen"])
 
-    def history(self, b):  # -> items [B,K,d], their signs [B,K,d], mask [B,K]
-        return self.history_items(b), self.sign(b["hlab"]), (b["hlab"] > 0).float()
+    def history_items(self, b, gm):  # [B, K, d]: each history item as item + its genre mean
+        return self.item(b["hid"]) + gm[b["hpos"]]
 
-    def pooled_history(self, b):  # [ours] DeepFM/DCNv2: mean of liked, mean of disliked items
-        hk = self.history_items(b)
+    def history(self, b, gm):  # -> items [B,K,d], their signs [B,K,d], mask [B,K]
+        return self.history_items(b, gm), self.sign(b["hlab"]), (b["hlab"] > 0).float()
+
+    def pooled_history(self, b, gm):  # [ours] DeepFM/DCNv2: mean of liked, mean of disliked
+        hk = self.history_items(b, gm)  # items, and the history-label field: the sum of the
         pool = lambda m: (hk * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-        return [pool((b["hlab"] == 2).float()), pool((b["hlab"] == 1).float())]
+        return [pool((b["hlab"] == 2).float()), pool((b["hlab"] == 1).float()),
+                self.sign(b["hlab"]).sum(1)]  # liked/disliked signs (how many were liked)
 
-    def id_fields(self, b) -> list:  # user, item, target genres, profile fields: [B, d] each
-        return ([self.user(b["uid"]), self.item(b["iid"]), self.genre_mean(b["tgen"])] +
+    def id_fields(self, b, gm) -> list:  # user, item, target genres, profile fields: [B, d] each
+        return ([self.user(b["uid"]), self.item(b["iid"]), gm[b["tpos"]]] +
                 [emb(b["prof"][:, f]) for f, emb in enumerate(self.fields)])
 
     def all_fields(self, ids: list, hist: list, text) -> list:  # [B, d] each, in a fixed order
@@ -209,6 +196,7 @@ class CTRModel(nn.Module):
 
 class DeepFM(CTRModel):
     """DeepFM (Guo et al. 2017): first-order terms + FM second order over the fields + an MLP."""
+    HIST_FIELDS = 3  # liked mean, disliked mean, history labels (pooled_history)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -221,7 +209,8 @@ class DeepFM(CTRModel):
         self.out = nn.Linear(self.hidden[-1], 1)
 
     def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
-        fields = self.all_fields(self.id_fields(b), self.pooled_history(b), text)
+        gm = self.genre_means(b)
+        fields = self.all_fields(self.id_fields(b, gm), self.pooled_history(b, gm), text)
         e = torch.stack(fields, 1)
         fm = 0.5 * (e.sum(1).pow(2) - e.pow(2).sum(1)).sum(-1)
         gm = (b["tgen"] > 0).float()
@@ -233,6 +222,7 @@ class DeepFM(CTRModel):
 class DCNv2(CTRModel):
     """DCN-V2 (Wang et al. 2021), parallel form: full-rank cross layers beside the deep tower.
     [ours] 3 cross layers."""
+    HIST_FIELDS = 3  # liked mean, disliked mean, history labels (pooled_history)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -241,7 +231,8 @@ class DCNv2(CTRModel):
         self.out = nn.Linear(self.hidden[-1] + self.width, 1)
 
     def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
-        x = torch.cat(self.all_fields(self.id_fields(b), self.pooled_history(b), text), -1)
+        gm = self.genre_means(b)
+        x = torch.cat(self.all_fields(self.id_fields(b, gm), self.pooled_history(b, gm), text), -1)
         xl = x
         for layer in self.cross:
             xl = x * layer(xl) + xl
@@ -262,8 +253,9 @@ class DIN(CTRModel):
         self.out = nn.Linear(self.hidden[-1], 1)
 
     def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
-        ids = self.id_fields(b)
-        hk, sign, mask = self.history(b)
+        gm = self.genre_means(b)
+        ids = self.id_fields(b, gm)
+        hk, sign, mask = self.history(b, gm)
         q = (ids[1] + ids[2]).unsqueeze(1).expand_as(hk)  # query: target item + its genre mean
         w = self.att(torch.cat([q, hk, q - hk, q * hk, sign], -1)).squeeze(-1) * mask  # pads: 0
         hist = [(w.unsqueeze(-1) * hk).sum(1), (w.unsqueeze(-1) * sign).sum(1)]
@@ -291,8 +283,10 @@ class CTRPredictor:
             self.net.load_state_dict(ckpt["state_dict"])
             self.net.eval()
 
-    def predict(self, samples: list[dict], text_emb: np.ndarray | None = None,
+    def predict(self, samples, text_emb: np.ndarray | None = None,
                 batch_size: int = EVAL_BATCH) -> np.ndarray:
+        """samples: a list of sample dicts or SplitArrays."""
+        samples = ctr_features.as_arrays(samples)
         if self.text_dim and (text_emb is None or np.shape(text_emb) != (len(samples), self.text_dim)):
             raise ExpCTRError(f"{self.model_name}: expected text_emb of shape "
                               f"({len(samples)}, {self.text_dim}), got "
@@ -301,25 +295,26 @@ class CTRPredictor:
             return np.zeros(0, np.float64)
         if self.model_name == "popularity":
             rates, prior = self.ckpt["state_dict"]["rate"], self.cfg["prior"]
-            return np.array([rates.get(s["iid"], prior) for s in samples], np.float64)
+            return np.array([rates.get(i, prior) for i in samples.items.tolist()],
+                            np.float64)[samples.iid]
         if self.model_name == "logreg":
-            X = onehot(samples, self.vocab)
+            X = ctr_features.onehot(samples, self.vocab)
             w = self.ckpt["state_dict"]["coef"].double().numpy()
             z = X @ w + float(self.ckpt["state_dict"]["intercept"])
             return 1.0 / (1.0 + np.exp(-z))
-        feats = featurize(samples, self.vocab)
+        feats = Features(samples, self.vocab)
         text = torch.from_numpy(np.asarray(text_emb, np.float32)) if self.text_dim else None
         return predict_net(self.net, feats, text, batch_size)
 
 
 @torch.no_grad()
-def predict_net(net, feats, text, batch_size: int = EVAL_BATCH) -> np.ndarray:
+def predict_net(net, feats: Features, text, batch_size: int = EVAL_BATCH) -> np.ndarray:
     net.eval()
-    n, out = len(feats["uid"]), []
+    n, out = len(feats), []
     for a in range(0, n, batch_size):
-        b = {k: v[a:a + batch_size] for k, v in feats.items()}
+        b = feats.batch(np.arange(a, min(n, a + batch_size)))
         out.append(torch.sigmoid(net(b, None if text is None else text[a:a + batch_size])))
-    return torch.cat(out).double().numpy()
+    return torch.cat(out).double().numpy() if out else np.zeros(0)
 
 
 def load_checkpoint(path) -> CTRPredictor:
@@ -333,32 +328,7 @@ def load_checkpoint(path) -> CTRPredictor:
 
 
 # ---- algorithm: popularity and logistic regression baselines ------------------------------
-def onehot(samples, vocab):
-    """Sparse one-hot [user | item | genres] for logreg; unknown ids -> column 0 of each block."""
-    import scipy.sparse as sp
-    nu, ni = len(vocab["uid"]) + 1, len(vocab["iid"]) + 1
-    rows, cols = [], []
-    for r, s in enumerate(samples):
-        rows += [r, r]
-        cols += [vocab["uid"].get(s["uid"], 0), nu + vocab["iid"].get(s["iid"], 0)]
-        for g in vocab["item_genres"].get(s["iid"], []):
-            rows.append(r)
-            cols.append(nu + ni + g)
-    X = sp.csr_matrix((np.ones(len(rows)), (rows, cols)),
-                      shape=(len(samples), nu + ni + len(vocab["genre"]) + 1))
-    return X
-
-
-def item_click_rates(train: list[dict], smoothing: float) -> tuple[dict, float]:
-    """The popularity baseline, defined once (evaluate.py's fallback row uses it too): each
-    item's training click rate (pos + a * global) / (count + a) with a = smoothing; items not in
-    train get the global rate. Returns ({iid: rate}, global rate)."""
-    prior = float(np.mean([s["label"] for s in train]))
-    pos, cnt = defaultdict(float), defaultdict(float)
-    for s in train:
-        pos[s["iid"]] += s["label"]
-        cnt[s["iid"]] += 1
-    return {i: (pos[i] + smoothing * prior) / (cnt[i] + smoothing) for i in cnt}, prior
+item_click_rates = ctr_features.item_click_rates  # the popularity baseline (evaluate.py too)
 
 
 def fit_baseline(args, data, vocab, cfg):
@@ -367,8 +337,8 @@ def fit_baseline(args, data, vocab, cfg):
         rates, cfg["prior"] = item_click_rates(train, args.smoothing)
         return {"rate": rates}
     from sklearn.linear_model import LogisticRegression
-    X, y = onehot(train, vocab), np.array([s["label"] for s in train])
-    Xv, yv = onehot(data["valid"], vocab), np.array([s["label"] for s in data["valid"]])
+    X, y = ctr_features.onehot(train, vocab), np.asarray(train.label, np.int64)
+    Xv, yv = ctr_features.onehot(data["valid"], vocab), np.asarray(data["valid"].label, np.int64)
     best = None  # [ours] C chosen on valid AUC from a small grid
     for C in tqdm([0.01, 0.1, 1.0], desc="logreg C", disable=None):
         clf = LogisticRegression(C=C, max_iter=2000).fit(X, y)
@@ -421,6 +391,13 @@ def warm_start(net: CTRModel, old: dict, cfg: dict) -> int:
 
 
 # ---- algorithm: training loop (Adam, early stopping on valid AUC, best checkpoint kept) ----
+def embedding_penalty(net: nn.Module, emb_reg: float) -> torch.Tensor:
+    """emb_reg / 2 * sum of squared embedding weights (every nn.Embedding table)."""
+    return emb_reg / 2 * sum(m.weight.pow(2).sum() for m in net.modules()
+                             if isinstance(m, nn.Embedding))
+
+
+
 def train_net(args, data, vocab, cfg, text, paths, out_name):
     torch.manual_seed(args.seed)
     net = build_net(cfg)
@@ -428,14 +405,14 @@ def train_net(args, data, vocab, cfg, text, paths, out_name):
         init = torch.load(Path(args.init_from) / "model.pt", map_location="cpu", weights_only=True)
         n = warm_start(net, init["state_dict"], cfg)
         print(f"[train_ctr] warm start: {n}/{len(net.state_dict())} tensors from {args.init_from}")
-    feats = {s: featurize(data[s], vocab) for s in ("train", "valid")}
-    y = torch.tensor([s["label"] for s in data["train"]], dtype=torch.float32)
-    yv = [s["label"] for s in data["valid"]]
-    uv = [s["uid"] for s in data["valid"]]
+    feats = {s: Features(data[s], vocab) for s in ("train", "valid")}
+    y = torch.from_numpy(feats["train"].labels)
+    yv, uv = data["valid"].label, data["valid"].uid
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)  # seeded batch order
     n = len(y)
     stopper, best_state, epoch, best_epoch = common.EarlyStopping(args.patience), None, 0, 0
+    speed = []  # training samples per second of each epoch (the loop only, not the valid pass)
     if args.init_from:  # [ours] the warm start itself is a candidate: fine-tuning on a small
         pv = predict_net(net, feats["valid"], text["valid"])  # split may only make it worse
         stopper.step(evaluate_predictions(yv, pv, uv)["auc"])
@@ -443,18 +420,21 @@ def train_net(args, data, vocab, cfg, text, paths, out_name):
         print(f"[train_ctr] {out_name} epoch 0 (warm start): valid AUC {stopper.best:.4f}")
     for epoch in range(1, args.epochs + 1):
         net.train()
-        perm, total = torch.randperm(n, generator=gen), 0.0
+        perm, total, t_epoch = torch.randperm(n, generator=gen), 0.0, time.time()
         bar = tqdm(range(0, n, args.batch_size), desc=f"{out_name} epoch {epoch}", leave=False,
                    disable=None)
         for a in bar:
             idx = perm[a:a + args.batch_size]
-            b = {k: v[idx] for k, v in feats["train"].items()}
+            b = feats["train"].batch(idx.numpy())
             logit = net(b, None if text["train"] is None else text["train"][idx])
             loss = nn.functional.binary_cross_entropy_with_logits(logit, y[idx])
+            if args.emb_reg:
+                loss = loss + embedding_penalty(net, args.emb_reg)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
+            total += loss.item() * len(idx)  # (with --emb-reg: the penalty included)
+        speed.append(n / (time.time() - t_epoch))
         pv = predict_net(net, feats["valid"], text["valid"])
         m = evaluate_predictions(yv, pv, uv)
         common.log_metrics(paths.metrics, stage="train_ctr", model=out_name, epoch=epoch,
@@ -468,11 +448,12 @@ def train_net(args, data, vocab, cfg, text, paths, out_name):
         elif stopper.stop:
             break
     net.load_state_dict(best_state)
-    return net, best_state, best_epoch, epoch
+    return net, best_state, best_epoch, epoch, float(np.median(speed)) if speed else None
 
 
 # ---- plumbing: main ------------------------------------------------------------------------
 def main(argv=None):
+    t_start = time.time()
     args = parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     paths = RunPaths(args.run_dir)
@@ -491,7 +472,7 @@ def main(argv=None):
     common.set_seed(args.seed)
     meta = common.read_json(paths.require(paths.meta, "python data_prep.py"))
     items = common.load_items(paths)
-    data = {s: common.load_split(paths, s) for s in common.SPLITS}
+    data = {s: load_split_arrays(paths, s) for s in common.SPLITS}
     text = {s: None for s in common.SPLITS}
     if args.text_emb:  # eval-only reads valid/test only (e.g. the final policy's explanations)
         text.update({s: torch.from_numpy(load_text_emb(args.text_emb, s, data[s]))
@@ -519,17 +500,19 @@ def main(argv=None):
         else:
             cfg.update({k: init.cfg[k] for k in ("emb_dim", "mlp", "dropout")})
     else:
-        vocab = build_vocab(data["train"], items, meta.get("user_fields", []))
+        vocab = ctr_features.build_vocab(data["train"], items, meta.get("user_fields", []))
     cfg.update(n_uid=len(vocab["uid"]), n_iid=len(vocab["iid"]), n_genre=len(vocab["genre"]),
                n_field=[len(vocab["field"][f]) for f in vocab["user_fields"]])
 
     t0 = time.time()
+    load_seconds, sps = t0 - t_start, None
     best_epoch = epochs_run = 0
     if eval_only:
         state = init.ckpt["state_dict"]
         print(f"[train_ctr] --epochs 0: evaluating {args.init_from} as trained, no training")
     elif args.model in TORCH_MODELS:
-        net, state, best_epoch, epochs_run = train_net(args, data, vocab, cfg, text, paths, out_name)
+        net, state, best_epoch, epochs_run, sps = train_net(args, data, vocab, cfg, text, paths,
+                                                            out_name)
     else:
         state = fit_baseline(args, data, vocab, cfg)
     train_seconds = time.time() - t0
@@ -541,18 +524,22 @@ def main(argv=None):
         emb = None if text[split] is None else text[split].numpy()
         p = pred.predict(data[split], emb)
         preds[split] = p
-        metrics[split] = evaluate_predictions([s["label"] for s in data[split]], p,
-                                              [s["uid"] for s in data[split]])
-    metrics.update(train_seconds=round(train_seconds, 2), best_epoch=best_epoch,
+        metrics[split] = evaluate_predictions(data[split].label, p, data[split].uid)
+    metrics.update(train_seconds=round(train_seconds, 2), load_seconds=round(load_seconds, 2),
+                   train_samples_per_s=None if sps is None else round(sps, 1), best_epoch=best_epoch,
                    epochs_run=epochs_run, text_emb=args.text_emb, init_from=args.init_from,
-                   seed=args.seed, config=cfg)
+                   seed=args.seed, config=cfg,
+                   training={k: getattr(args, k) for k in ("lr", "batch_size", "emb_reg",
+                                                            "weight_decay", "patience", "threads")})
     with common.atomic_path(out) as tmp:  # the whole folder appears at once
         tmp.mkdir()
         torch.save(ckpt, tmp / "model.pt")
         for split in ("valid", "test"):
+            d = data[split]
             common.write_jsonl(tmp / f"preds_{split}.jsonl", (
-                {"uid": s["uid"], "iid": s["iid"], "label": s["label"], "p": float(p)}
-                for s, p in zip(data[split], preds[split])))
+                {"uid": u, "iid": i, "label": y, "p": p} for u, i, y, p in zip(
+                    d.users[d.uid].tolist(), d.items[d.iid].tolist(), d.label.tolist(),
+                    preds[split].tolist())))
         common.write_json(tmp / "metrics.json", metrics)
     common.log_metrics(paths.metrics, stage="train_ctr", model=out_name, final=True,
                        test_auc=metrics["test"]["auc"], test_logloss=metrics["test"]["logloss"],

@@ -38,7 +38,7 @@ def main():
     paths = common.RunPaths(a.run_dir)
     model = llm.run_model(paths, a.model)
     items, popt = common.load_items(paths), common.prompt_options(paths)
-    rl = common.read_jsonl(paths.split("rl"))[: a.prompts]
+    rl = common.load_split(paths, "rl")[: a.prompts]
     samples = [s for s in rl for _ in range(a.k)]
     bundle = llm.LLM(model, a.dtype)
     bundle.attach({"scorer": paths.scorer, "explainer": None})

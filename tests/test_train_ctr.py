@@ -81,7 +81,7 @@ def test_text_emb_and_warm_start(run, model):
     assert n == len(id_pred.ckpt["state_dict"])
     test = common.load_split(common.RunPaths(run), "test")
     emb = np.load(run / "emb_test.npy")
-    feats = train_ctr.featurize(test, id_pred.vocab)
+    feats = train_ctr.Features(train_ctr.ctr_features.as_arrays(test), id_pred.vocab)
     aug0 = train_ctr.predict_net(net, feats, torch.from_numpy(emb), 512)
     np.testing.assert_allclose(aug0, id_pred.predict(test), atol=1e-6)  # DeepFM's FM term too
     # trained Aug model round-trips, with text from .npy or from .jsonl
@@ -209,3 +209,24 @@ def test_warm_start_never_worse_on_valid(run):
           "--lr", "1.0", "--epochs", "1", "--patience", "1")
     m = common.read_json(run / "ctr" / "din_ft" / "metrics.json")
     assert m["valid"]["auc"] >= start - 1e-9
+
+
+@pytest.mark.parametrize("model", ["deepfm", "dcnv2", "din"])
+def test_every_backbone_reads_the_history_labels_and_emb_reg_applies(run, model):
+    """The same feature set for every backbone: the history-label field (the liked/disliked
+    sign embeddings) reaches each model's output; --emb-reg adds the FuxiCTR L2 term."""
+    import ctr_features
+    P = common.RunPaths(run)
+    arr = train_ctr.load_split_arrays(P, "train")
+    vocab = ctr_features.build_vocab(arr, common.load_items(P), ["age", "gender"])
+    cfg = {"model": model, "emb_dim": 8, "mlp": "16", "dropout": 0.0, "text_dim": 0,
+           "n_uid": len(vocab["uid"]), "n_iid": len(vocab["iid"]), "n_genre": len(vocab["genre"]),
+           "n_field": [len(vocab["field"][f]) for f in vocab["user_fields"]]}
+    torch.manual_seed(0)
+    net = train_ctr.build_net(cfg)
+    b = ctr_features.Features(arr, vocab).batch(np.arange(64))
+    net(b).sum().backward()
+    assert net.sign.weight.grad[1:].abs().sum() > 0  # disliked / liked rows
+    pen = train_ctr.embedding_penalty(net, 0.1)
+    want = 0.05 * sum((m.weight ** 2).sum() for m in net.modules() if isinstance(m, torch.nn.Embedding))
+    assert torch.allclose(pen, want) and pen > 0

@@ -1,0 +1,119 @@
+"""Inputs of the ID-based CTR models (train_ctr.py), built column-wise from SplitArrays.
+
+The vocabulary comes from the train split only (index 0 = unknown / padding); the catalogue's
+genres are content, known for every item. `Features(arrays, vocab).batch(idx)` gathers one
+batch of model inputs with numpy - no per-row Python - so a 16M-sample split trains from its
+memory-mapped columns without materialising its [n, K, G] history-genre tensor:
+  uid, iid [B]   user / target item ids          tgen [B, G]     target genres
+  hid, hlab [B, K]  history items, 0 pad / 1 disliked / 2 liked
+  ugen [U, G]    genres of the batch's U distinct items (targets and history; one padding row)
+  tpos [B], hpos [B, K]   rows of ugen: the target's genres are ugen[tpos], a history item's
+                 ugen[hpos] (so a batch embeds U genre lists, not B x K)
+  prof [B, F]    user-profile fields
+A split of JSONL dicts goes through SplitArrays.from_rows first (same inputs, same order).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sample_store import SplitArrays
+
+
+def as_arrays(samples) -> SplitArrays:
+    return samples if isinstance(samples, SplitArrays) else SplitArrays.from_rows(list(samples))
+
+
+def _index(values) -> dict:
+    return {v: i + 1 for i, v in enumerate(sorted(set(values)))}
+
+
+def field_strings(a: SplitArrays, name: str) -> np.ndarray:
+    """Per row of the users table: the value of profile field `name` ('' where unknown)."""
+    if name not in a.field_names:
+        return np.full(len(a.users), "", dtype=object)
+    codes = np.asarray(a.user_fields)[:, a.field_names.index(name)]
+    table = np.array(list(a.field_values[name]) + [""], dtype=object)
+    return table[np.where(codes >= 0, codes, len(table) - 1)]
+
+
+def build_vocab(train: SplitArrays, items: dict[str, dict], user_fields: list[str]) -> dict:
+    t_uid = train.users[np.unique(train.uid)].tolist()
+    t_iid = train.items[np.unique(train.iid)].tolist()
+    genres = _index(g for i in t_iid for g in items.get(i, {}).get("genres", []))
+    item_genres = {iid: [genres[g] for g in it["genres"] if g in genres]
+                   for iid, it in items.items()}
+    field = {}
+    for f in user_fields:
+        vals = field_strings(train, f)
+        field[f] = _index(vals[np.unique(train.uid)].tolist()) if len(train) else {}
+    return {"uid": _index(t_uid), "iid": _index(t_iid),
+            "genre": genres, "item_genres": {k: v for k, v in item_genres.items() if v},
+            "user_fields": list(user_fields), "field": field,
+            "max_genres": max([len(v) for v in item_genres.values()] + [1]),
+            "hist_len": int(max((train.hi - train.lo).max(initial=0), 1))}
+
+
+class Features:
+    """Model inputs of one split; .batch(idx) -> dict of int64 tensors."""
+
+    def __init__(self, a: SplitArrays, vocab: dict):
+        self.a, self.K, G = a, vocab["hist_len"], vocab["max_genres"]
+        uv, iv, ig = vocab["uid"], vocab["iid"], vocab["item_genres"]
+        ulut = np.array([uv.get(u, 0) for u in a.users.tolist()] + [0], np.int64)
+        self.ilut = np.array([iv.get(i, 0) for i in a.items.tolist()] + [0], np.int64)
+        self.gtab = np.zeros((len(a.items) + 1, G), np.int64)  # last row: padding
+        for r, i in enumerate(a.items.tolist()):
+            g = ig.get(i, [])[:G]
+            self.gtab[r, :len(g)] = g
+        self.uid, self.iid = ulut[a.uid], self.ilut[a.iid]
+        prof = [np.array([vocab["field"][f].get(v, 0) for v in field_strings(a, f).tolist()],
+                         np.int64)[a.uid] for f in vocab["user_fields"]]
+        self.prof = np.stack(prof, 1) if prof else np.zeros((len(a), 1), np.int64)
+        self.labels = np.asarray(a.label, np.float32)
+
+    def __len__(self):
+        return len(self.uid)
+
+    def batch(self, idx) -> dict[str, torch.Tensor]:
+        idx = np.asarray(idx)
+        a, K = self.a, self.K
+        lo, hi = a.lo[idx], a.hi[idx]
+        cols = np.maximum(lo, hi - K)[:, None] + np.arange(K)  # the last K history items
+        ok = cols < hi[:, None]
+        flat = np.where(ok, cols, 0)
+        hic = np.where(ok, np.asarray(a.hist_iid[flat.ravel()]).reshape(flat.shape), len(a.items))
+        liked = np.asarray(a.hist_label[flat.ravel()]).reshape(flat.shape) == 1
+        tic = np.asarray(a.iid[idx])
+        uniq, inv = np.unique(np.concatenate([tic, hic.ravel()]), return_inverse=True)
+        out = dict(uid=self.uid[idx], iid=self.iid[idx], tgen=self.gtab[tic],
+                   hid=self.ilut[hic], hlab=np.where(ok, np.where(liked, 2, 1), 0),
+                   ugen=self.gtab[uniq], tpos=inv[:len(idx)], hpos=inv[len(idx):].reshape(hic.shape),
+                   prof=self.prof[idx])
+        return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in out.items()}
+
+
+def onehot(a: SplitArrays, vocab: dict):
+    """Sparse one-hot [user | item | genres] for logreg; unknown ids -> column 0 of each block."""
+    import scipy.sparse as sp
+    f = Features(a, vocab) if not isinstance(a, Features) else a
+    nu, ni = len(vocab["uid"]) + 1, len(vocab["iid"]) + 1
+    g = f.gtab[f.a.iid]
+    cols = np.concatenate([f.uid[:, None], nu + f.iid[:, None], np.where(g > 0, nu + ni + g, -1)], 1)
+    rows = np.repeat(np.arange(len(f)), cols.shape[1]).reshape(cols.shape)
+    keep = cols >= 0
+    return sp.csr_matrix((np.ones(int(keep.sum())), (rows[keep], cols[keep])),
+                         shape=(len(f), nu + ni + len(vocab["genre"]) + 1))
+
+
+def item_click_rates(train, smoothing: float) -> tuple[dict, float]:
+    """The popularity baseline, defined once (evaluate.py's fallback row uses it too): each
+    item's training click rate (pos + a * global) / (count + a) with a = smoothing; items not in
+    train get the global rate. Returns ({iid: rate}, global rate)."""
+    a = as_arrays(train)
+    y = np.asarray(a.label, np.float64)
+    prior = float(np.mean(y))
+    pos = np.bincount(a.iid, weights=y, minlength=len(a.items))
+    cnt = np.bincount(a.iid, minlength=len(a.items)).astype(np.float64)
+    return {str(a.items[c]): float((pos[c] + smoothing * prior) / (cnt[c] + smoothing))
+            for c in np.flatnonzero(cnt).tolist()}, prior

@@ -386,19 +386,20 @@ def load_items(paths: RunPaths) -> dict[str, dict]:
     return {r["iid"]: r for r in rows}
 
 
+def in_store(paths: RunPaths, split: str) -> bool:
+    """Whether data_prep.py wrote `split` into the columnar store data/store/ (not as JSONL)."""
+    f = paths.data / "store" / "store.json"
+    return not paths.split(split).exists() and f.exists() and split in read_json(f)["counts"]
+
+
 def has_split(paths: RunPaths, split: str) -> bool:
     """Whether data_prep.py wrote `split`, as JSONL or into the columnar store."""
-    return paths.split(split).exists() or split in store_splits(paths)
-
-
-def store_splits(paths: RunPaths) -> list[str]:
-    f = paths.data / "store" / "store.json"
-    return list(read_json(f)["counts"]) if f.exists() else []
+    return paths.split(split).exists() or in_store(paths, split)
 
 
 def load_split(paths: RunPaths, split: str) -> list[dict]:
     """A split's samples as dicts: data/<split>.jsonl, or (large splits) the columnar store."""
-    if not paths.split(split).exists() and split in store_splits(paths):
+    if in_store(paths, split):
         import sample_store
         return sample_store.SampleStore(paths.data / "store").rows(split)
     return read_jsonl(paths.require(paths.split(split), "python data_prep.py"), SAMPLE_FIELDS)

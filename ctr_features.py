@@ -38,7 +38,8 @@ def field_strings(a: SplitArrays, name: str) -> np.ndarray:
 
 
 def build_vocab(train: SplitArrays, items: dict[str, dict], user_fields: list[str]) -> dict:
-    t_uid = train.users[np.unique(train.uid)].tolist()
+    t_ucodes = np.unique(train.uid)  # the train users (codes into train.users)
+    t_uid = train.users[t_ucodes].tolist()
     t_iid = train.items[np.unique(train.iid)].tolist()
     genres = _index(g for i in t_iid for g in items.get(i, {}).get("genres", []))
     item_genres = {iid: [genres[g] for g in it["genres"] if g in genres]
@@ -46,7 +47,7 @@ def build_vocab(train: SplitArrays, items: dict[str, dict], user_fields: list[st
     field = {}
     for f in user_fields:
         vals = field_strings(train, f)
-        field[f] = _index(vals[np.unique(train.uid)].tolist()) if len(train) else {}
+        field[f] = _index(vals[t_ucodes].tolist())
     return {"uid": _index(t_uid), "iid": _index(t_iid),
             "genre": genres, "item_genres": {k: v for k, v in item_genres.items() if v},
             "user_fields": list(user_fields), "field": field,

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import ExpCTRError
+
 FORMAT = "expctr-sample-store/1"
 
 
@@ -89,8 +91,8 @@ class SampleStore:
         self.folder = Path(folder)
         self.info = json.loads((self.folder / "store.json").read_text(encoding="utf-8"))
         if self.info.get("format") != FORMAT:
-            raise ValueError(f"{self.folder / 'store.json'}: field 'format' should be {FORMAT!r}, "
-                             f"got {self.info.get('format')!r}")
+            raise ExpCTRError(f"{self.folder / 'store.json'}: field 'format' should be "
+                              f"{FORMAT!r}, got {self.info.get('format')!r}")
 
     def col(self, name: str) -> np.ndarray:
         # a plain ndarray over the memory map (np.memmap's subclass overhead costs per batch)
@@ -101,7 +103,7 @@ class SampleStore:
         return list(self.info["counts"])
 
     def arrays(self, split: str) -> SplitArrays:
-        pos = np.asarray(self.col(split))
+        pos = self.col(split)
         return SplitArrays(self.col("seq_uid")[pos], self.col("seq_iid")[pos],
                            self.col("seq_label")[pos], self.col("seq_ts")[pos],
                            self.col("seq_lo")[pos], self.col("seq_hi")[pos],
@@ -111,7 +113,7 @@ class SampleStore:
 
     def rows(self, split: str, limit: int | None = None) -> list[dict]:
         """The split's samples as the dicts data/<split>.jsonl would hold (same keys, order)."""
-        pos = np.asarray(self.col(split))[:limit]
+        pos = self.col(split)[:limit]
         c = {k: self.col(k) for k in ("seq_uid", "seq_iid", "seq_label", "seq_ts", "seq_lo",
                                       "seq_hi")}
         users, items, uf = self.col("users"), self.col("items"), self.col("user_fields")

@@ -100,7 +100,7 @@ def evaluate_predictions(labels, probs, uids) -> dict:
 # ---- plumbing: features (ctr_features.py: vocabulary from train, batches gathered by numpy) ---
 def load_split_arrays(paths: RunPaths, split: str) -> SplitArrays:
     """A split as columns: from the columnar store (large splits) or from its JSONL."""
-    if split in common.store_splits(paths) and not paths.split(split).exists():
+    if common.in_store(paths, split):
         return sample_store.SampleStore(paths.data / "store").arrays(split)
     return SplitArrays.from_rows(common.load_split(paths, split))
 
@@ -177,11 +177,13 @@ class CTRModel(nn.Module):
     def history(self, b, gm):  # -> items [B,K,d], their signs [B,K,d], mask [B,K]
         return self.history_items(b, gm), self.sign(b["hlab"]), (b["hlab"] > 0).float()
 
-    def pooled_history(self, b, gm):  # [ours] DeepFM/DCNv2: mean of liked, mean of disliked
-        hk = self.history_items(b, gm)  # items, and the history-label field: the sum of the
+    def pooled_history(self, b, gm):  # [ours] DeepFM/DCNv2: mean of the liked items, mean of
+        # the disliked ones, and the history-label field (the sum of the liked / disliked sign
+        # embeddings: how many recent items were liked; DIN pools the signs by attention)
+        hk = self.history_items(b, gm)
         pool = lambda m: (hk * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
         return [pool((b["hlab"] == 2).float()), pool((b["hlab"] == 1).float()),
-                self.sign(b["hlab"]).sum(1)]  # liked/disliked signs (how many were liked)
+                self.sign(b["hlab"]).sum(1)]
 
     def id_fields(self, b, gm) -> list:  # user, item, target genres, profile fields: [B, d] each
         return ([self.user(b["uid"]), self.item(b["iid"]), gm[b["tpos"]]] +
@@ -213,9 +215,9 @@ class DeepFM(CTRModel):
         fields = self.all_fields(self.id_fields(b, gm), self.pooled_history(b, gm), text)
         e = torch.stack(fields, 1)
         fm = 0.5 * (e.sum(1).pow(2) - e.pow(2).sum(1)).sum(-1)
-        gm = (b["tgen"] > 0).float()
+        tmask = (b["tgen"] > 0).float()
         first = self.lin_user(b["uid"]) + self.lin_item(b["iid"]) + \
-            ((self.lin_genre(b["tgen"]).squeeze(-1) * gm).sum(-1, keepdim=True))
+            ((self.lin_genre(b["tgen"]).squeeze(-1) * tmask).sum(-1, keepdim=True))
         return self.out(self.deep(torch.cat(fields, -1))).squeeze(-1) + fm + first.squeeze(-1)
 
 
@@ -395,7 +397,6 @@ def embedding_penalty(net: nn.Module, emb_reg: float) -> torch.Tensor:
     """emb_reg / 2 * sum of squared embedding weights (every nn.Embedding table)."""
     return emb_reg / 2 * sum(m.weight.pow(2).sum() for m in net.modules()
                              if isinstance(m, nn.Embedding))
-
 
 
 def train_net(args, data, vocab, cfg, text, paths, out_name):

@@ -101,14 +101,11 @@ def test_store_arrays_match_rows(tmp_path):
     for split in common.SPLITS:
         a, b = st.arrays(split), sample_store.SplitArrays.from_rows(common.load_split(pj, split))
         assert len(a) == len(b)
-        for x, y in ((a, b),):
-            assert (x.users[x.uid] == y.users[y.uid]).all() and (x.items[x.iid] == y.items[y.iid]).all()
-            assert (x.label == y.label).all() and (x.ts == y.ts).all()
-            assert ((x.hi - x.lo) == (y.hi - y.lo)).all()
-            for r in range(0, len(a), 7):
-                hx = x.items[np.asarray(x.hist_iid[x.lo[r]:x.hi[r]])]
-                hy = y.items[y.hist_iid[y.lo[r]:y.hi[r]]]
-                assert (hx == hy).all()
+        assert (a.users[a.uid] == b.users[b.uid]).all() and (a.items[a.iid] == b.items[b.iid]).all()
+        assert (a.label == b.label).all() and (a.ts == b.ts).all()
+        assert ((a.hi - a.lo) == (b.hi - b.lo)).all()
+        for r in range(0, len(a), 7):
+            assert (a.items[a.hist_iid[a.lo[r]:a.hi[r]]] == b.items[b.hist_iid[b.lo[r]:b.hi[r]]]).all()
 
 
 def test_show_cli_prints_store_samples(tmp_path):

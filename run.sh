@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # ExpCTR end to end: data -> ID-CTR models -> scorer -> PPO (LC) -> ExpCTR-Aug -> PPO (IC) -> eval.
 #
-#   ./run.sh [--preset smoke|quick|planted|paper] [--runs-dir DIR] [--rounds N]
+#   ./run.sh [--preset smoke|quick|planted|paper] [--runs-dir DIR] [--rounds N] [--nproc N]
+#
+# --nproc N: the training stages (train_ctr, stage1_sft, stage2_reward, stage3_rl) run as
+# `torchrun --standalone --nproc-per-node N` (parallel.py: data-parallel training, chunked
+# rollouts and explanations with the same files as one process; NCCL on GPUs, gloo on CPU).
 #
 # Presets are files, presets/<name>.toml (all sizes are [ours]; `python presets.py NAME shell`
 # prints what this script reads from one):
@@ -41,17 +45,22 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PRESET=quick; RUNS_DIR=runs; ROUNDS=1
+PRESET=quick; RUNS_DIR=runs; ROUNDS=1; NPROC=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET="$2"; shift 2 ;;
     --runs-dir) RUNS_DIR="$2"; shift 2 ;;
     --rounds) ROUNDS="$2"; shift 2 ;;
+    --nproc) NPROC="$2"; shift 2 ;;
     -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see ./run.sh --help)" >&2; exit 2 ;;
   esac
 done
 source scripts/ensure_venv.sh   # sets $PY and PYTHONPATH
+case "$NPROC" in ''|*[!0-9]*|0) echo "error: --nproc $NPROC: expected a whole number >= 1" >&2; exit 2 ;; esac
+if [ "$NPROC" = 1 ]; then TR=("$PY"); else  # the training stages under torchrun (parallel.py)
+  TR=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC")
+fi
 # [ours] on a shared CPU, spinning OpenMP threads slow torch down many-fold; sleeping ones do not
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
@@ -94,7 +103,7 @@ if [ "$ID_BENCH" = 1 ]; then
   B="$RUNS_DIR/$BENCH"
   R="$B" step "bench data_prep" "$PY" data_prep.py --run-dir "$B" "${WORLD[@]}"
   for m in "${CTR_MODELS[@]}"; do
-    R="$B" step "bench train_ctr $m" "$PY" train_ctr.py --run-dir "$B" --model "$m"
+    R="$B" step "bench train_ctr $m" "${TR[@]}" train_ctr.py --run-dir "$B" --model "$m"
   done
   "$PY" - "$B" "${CTR_MODELS[@]}" <<'EOF'
 import sys, common
@@ -115,23 +124,23 @@ A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}")
 step "data_prep" "$PY" data_prep.py --run-dir "$R" "${DATA[@]}"
 for m in "${CTR_MODELS[@]}"; do
   if [ "$ID_BENCH" = 1 ]; then  # score the full-data model on this run's splits, no training
-    step "train_ctr $m (full-data model)" "$PY" train_ctr.py --run-dir "$R" --model "$m" \
+    step "train_ctr $m (full-data model)" "${TR[@]}" train_ctr.py --run-dir "$R" --model "$m" \
          --epochs 0 --init-from "$RUNS_DIR/$BENCH/ctr/$m"
   else
-    step "train_ctr $m" "$PY" train_ctr.py --run-dir "$R" --model "$m"
+    step "train_ctr $m" "${TR[@]}" train_ctr.py --run-dir "$R" --model "$m"
   fi
 done
-step "explanations base" "$PY" stage2_reward.py "${A[@]}" "${GEN[@]}" --split train,valid,test --tag base
-step "scorer sft" "$PY" stage1_sft.py "${A[@]}" "${SFT[@]}"
+step "explanations base" "${TR[@]}" stage2_reward.py "${A[@]}" "${GEN[@]}" --split train,valid,test --tag base
+step "scorer sft" "${TR[@]}" stage1_sft.py "${A[@]}" "${SFT[@]}"
 # the reward probe: fixed held-out prompts, same K and seed for every policy (the learning curve)
-probe() { step "probe $1" "$PY" stage2_reward.py "${A[@]}" "${GEN[@]}" "${ROLL[@]}" --probe "$1"; }
+probe() { step "probe $1" "${TR[@]}" stage2_reward.py "${A[@]}" "${GEN[@]}" "${ROLL[@]}" --probe "$1"; }
 probe base
 
 ppo_iter() {  # ppo_iter K LAMBDA [AUG]
   local k="$1" lam="$2" aug=(); [ -n "${3:-}" ] && aug=(--aug "$3")
-  step "rollouts iter $k" "$PY" stage2_reward.py "${A[@]}" "${GEN[@]}" "${ROLL[@]}" --iter "$k" \
+  step "rollouts iter $k" "${TR[@]}" stage2_reward.py "${A[@]}" "${GEN[@]}" "${ROLL[@]}" --iter "$k" \
        --lambda-ic "$lam" "${aug[@]}"
-  step "ppo iter $k" "$PY" stage3_rl.py "${A[@]}" "${PPO[@]}" --iter "$k"
+  step "ppo iter $k" "${TR[@]}" stage3_rl.py "${A[@]}" "${PPO[@]}" --iter "$k"
   # the probe after every PROBE_EVERY-th iteration (preset [run] probe_every, default 1), and
   # always after the last LC iteration and the last iteration
   if [ $((k % ${PROBE_EVERY:-1})) = 0 ] || [ "$k" = "$N1" ] || [ "$k" = $((N1 + N3 * ROUNDS)) ]; then
@@ -146,23 +155,23 @@ K=$N1
 AUG=""
 for r in $(seq 1 "$ROUNDS"); do
   [ "$N3" -gt 0 ] || break
-  step "explanations iter_$K" "$PY" stage2_reward.py "${A[@]}" "${GEN[@]}" --split train,valid,test --tag "iter_$K"
+  step "explanations iter_$K" "${TR[@]}" stage2_reward.py "${A[@]}" "${GEN[@]}" --split train,valid,test --tag "iter_$K"
   AUG="aug_din_iter_$K"
-  step "train_ctr $AUG" "$PY" train_ctr.py --run-dir "$R" --model din \
+  step "train_ctr $AUG" "${TR[@]}" train_ctr.py --run-dir "$R" --model din \
        --text-emb "$R/explanations/iter_$K/{split}.npy" --init-from "$R/ctr/din" --out-name "$AUG"
   for j in $(seq 1 "$N3"); do ppo_iter $((K + j)) "$LAMBDA" "$R/ctr/$AUG"; done
   K=$((K + N3))
 done
 # ---- 7-8. final explanations and scorer predictions ------------------------------------------------
-step "explanations iter_$K" "$PY" stage2_reward.py "${A[@]}" "${GEN[@]}" --split valid,test --tag "iter_$K"
+step "explanations iter_$K" "${TR[@]}" stage2_reward.py "${A[@]}" "${GEN[@]}" --split valid,test --tag "iter_$K"
 AUG_FINAL=""
 if [ -n "$AUG" ] && [ "$AUG" != "aug_din_iter_$K" ]; then
   # the ExpCTR-Aug model reading the final (IC-aligned) policy's explanations: what r_IC scored
   AUG_FINAL="${AUG}_on_iter_$K"
-  step "train_ctr $AUG_FINAL" "$PY" train_ctr.py --run-dir "$R" --model din --epochs 0 \
+  step "train_ctr $AUG_FINAL" "${TR[@]}" train_ctr.py --run-dir "$R" --model din --epochs 0 \
        --init-from "$R/ctr/$AUG" --text-emb "$R/explanations/iter_$K/{split}.npy" --out-name "$AUG_FINAL"
 fi
-step "scorer predictions" "$PY" stage1_sft.py "${A[@]}" --predict "none,base,iter_$K" --split "$PRED_SPLITS"
+step "scorer predictions" "${TR[@]}" stage1_sft.py "${A[@]}" --predict "none,base,iter_$K" --split "$PRED_SPLITS"
 run_json final_tag="iter_$K" aug="${AUG:-null}" aug_final="${AUG_FINAL:-null}"
 # ---- 9. evaluation ------------------------------------------------------------------------------
 step "evaluate" "$PY" evaluate.py --run-dir "$R"

@@ -21,6 +21,9 @@ Predict mode (--predict TAGS --split SPLITS), step 8 of the schedule in run.sh:
   seeded permutations of the explanations across the split's samples]). All variants of a prompt
   share its forward pass (prefix KV reuse).
 
+Under torchrun (parallel.py): data-parallel SFT (each batch shared by the ranks, gradients
+averaged); valid scoring, predictions and the frozen lower layers in chunks shared by rank.
+
     python stage1_sft.py --run-dir runs/x
     python stage1_sft.py --run-dir runs/x --predict none,base,iter_3 --split valid,test
 """
@@ -36,6 +39,7 @@ from tqdm import tqdm
 
 import common
 import llm
+import parallel
 from metrics import auc
 from common import ExpCTRError, RunPaths
 
@@ -98,6 +102,8 @@ def parse_args(argv=None):
                    "without a better valid AUC (with explanations)")
     p.add_argument("--eval-batch", type=int, default=16, help="sequences per scoring forward pass")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    p.add_argument("--lora-dropout", type=float, default=llm.LORA_DROPOUT,
+                   help="dropout on the LoRA input during SFT (peft lora_dropout)")
     p.add_argument("--predict", default=None, help="predict mode: comma-separated tags "
                    "(none = no explanation, base, iter_k)")
     p.add_argument("--split", default="valid,test", help="predict mode: comma-separated splits")
@@ -127,6 +133,32 @@ def predict_p(bundle: llm.LLM, prompts: list[str], variants: list[list[str | Non
                                 [v[i] for i in range(n) for v in variants],
                                 [t for t in targets for _ in variants], batch)
     return lp[:, 0].exp().numpy().astype(np.float64).reshape(n, len(variants)).T
+
+
+def predict_p_chunked(world, bundle: llm.LLM, prompts: list[str], variants: list[list[str | None]],
+                      batch: int, targets: list[str] | None = None) -> np.ndarray:
+    """predict_p in chunks of `batch` prompts (chunk c on rank c % N under torchrun; the same
+    chunks for any N, so the same numbers), gathered on every rank -> [n_variants, n]."""
+    targets = targets or [None] * len(prompts)
+    chunks = [range(a, min(len(prompts), a + batch)) for a in range(0, len(prompts), batch)]
+    got = world.map_chunks(len(chunks), lambda c: predict_p(
+        bundle, [prompts[i] for i in chunks[c]], [[v[i] for i in chunks[c]] for v in variants],
+        batch, [targets[i] for i in chunks[c]]), "score")
+    return np.concatenate([got[c] for c in range(len(chunks))], 1) if chunks else \
+        np.zeros((len(variants), 0))
+
+
+def lower_states_chunked(world, bundle: llm.LLM, seqs, n_top: int, batch: int, desc: str):
+    """bundle.lower_states in chunks (one length-sorted batch each; chunk c on rank c % N),
+    gathered on every rank: each rank then trains the top layers on any sample of a batch."""
+    chunks = llm.length_batches([len(x) for x in seqs], batch)
+    got = world.map_chunks(len(chunks), lambda c: [h.cpu() for h in bundle.lower_states(
+        [seqs[i] for i in chunks[c]], n_top, batch, desc)], desc)
+    out: list = [None] * len(seqs)
+    for c, states in got.items():
+        for i, h in zip(chunks[c], states):
+            out[i] = h.to(bundle.device)
+    return out
 
 
 def profile_echo(sample: dict, items: dict, popt: dict) -> str:
@@ -159,7 +191,7 @@ def load_explanations(paths: RunPaths, tag: str, split: str, rows: list[dict]) -
     return ex
 
 
-def train(args, paths: RunPaths, model: str):
+def train(args, paths: RunPaths, model: str, world):
     if (paths.scorer / "metrics.json").exists() and not args.force:
         trained_on = common.read_json(paths.scorer / "expctr.json").get("model")
         if trained_on != model:
@@ -178,20 +210,24 @@ def train(args, paths: RunPaths, model: str):
     if args.max_train:
         tr_rows, tr_ex = tr_rows[:args.max_train], tr_ex[:args.max_train]
     common.set_seed(args.seed)
-    bundle = llm.LLM(model, args.dtype, args.device, args.threads)
+    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads))
     targets = llm.ALL_PROJ if args.lora_targets == "all" else tuple(args.lora_targets.split(","))
     bundle.attach({"scorer": None}, r=args.lora_r, targets=targets, top_layers=args.lora_layers,
-                  answer_layer=args.answer_layer, scorer_view=args.scorer_view)
+                  answer_layer=args.answer_layer, scorer_view=args.scorer_view,
+                  lora_dropout=args.lora_dropout)
     if args.answer_head == "trained":
         bundle.add_answer_head("scorer")
     bundle.activation_checkpointing(args.grad_checkpoint and not args.lora_layers)
     params = bundle.trainable("scorer")
+    world.broadcast_params(params)  # torchrun: every rank starts from rank 0's adapter
     head = list(bundle.heads["scorer"].parameters()) if "scorer" in bundle.heads else []
     lora = [q for q in params if all(q is not h for h in head)]
     opt = torch.optim.AdamW([{"params": lora, "lr": args.lr},
                              {"params": head, "lr": args.head_lr or args.lr}],
                             weight_decay=args.weight_decay)
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(args.seed)  # the same draws on every rank (batches, dropout)
+    if world.rank:  # its own LoRA-dropout masks (rank 0 keeps the one-process stream)
+        torch.manual_seed(args.seed * 1000 + world.rank)
     # [ours] explanation dropout drawn once: a sample is seen with or without its explanation in
     # every epoch, so that its frozen lower-layer states can be computed once (--lora-layers)
     tr_text = train_texts(tr_rows, tr_ex, items, popt, rng.random(len(tr_rows)),
@@ -210,8 +246,10 @@ def train(args, paths: RunPaths, model: str):
         va_seqs = [bundle.scorer_ids(p, x, t) for expl in va_variants
                    for p, x, t in zip(va_prompts, expl, va_targets)]
         with bundle.use("scorer"):
-            tr_states = bundle.lower_states(tr_seqs, n_top, args.eval_batch, "lower layers, train")
-            va_states = bundle.lower_states(va_seqs, n_top, args.eval_batch, "lower layers, valid")
+            tr_states = lower_states_chunked(world, bundle, tr_seqs, n_top, args.eval_batch,
+                                             "lower layers, train")
+            va_states = lower_states_chunked(world, bundle, va_seqs, n_top, args.eval_batch,
+                                             "lower layers, valid")
     lower_s = time.time() - t0
 
     def forward(idx):  # [B,2] answer log-probs of train samples idx, scorer active
@@ -222,12 +260,17 @@ def train(args, paths: RunPaths, model: str):
     def evaluate():
         bundle.model.eval()
         if n_top:
-            with bundle.use("scorer"), torch.inference_mode():
-                lp = torch.cat([bundle.upper_answer_logprobs(va_states[i:i + args.eval_batch], n_top)
-                                for i in range(0, len(va_states), args.eval_batch)])
-            P = lp[:, 0].exp().float().numpy().reshape(len(va_variants), len(va_rows))
+            starts = range(0, len(va_states), args.eval_batch)
+
+            def upper(c):
+                with bundle.use("scorer"), torch.inference_mode():
+                    x = va_states[starts[c]:starts[c] + args.eval_batch]
+                    return bundle.upper_answer_logprobs(x, n_top)[:, 0].exp().float().cpu()
+            got = world.map_chunks(len(starts), upper, "valid")
+            P = torch.cat([got[c] for c in range(len(starts))]).numpy().reshape(
+                len(va_variants), len(va_rows))
         else:
-            P = predict_p(bundle, va_prompts, va_variants, args.eval_batch, va_targets)
+            P = predict_p_chunked(world, bundle, va_prompts, va_variants, args.eval_batch, va_targets)
         return [auc(va_labels, p) for p in P]  # with explanation, without[, profile echo]
 
     def valid_row(aucs):
@@ -235,6 +278,7 @@ def train(args, paths: RunPaths, model: str):
                     **({"valid_auc_profile_echo": aucs[2]} if len(aucs) > 2 else {}))
 
     stopper, best_state, history, step = common.EarlyStopping(args.patience), None, [], 0
+    log = common.log_metrics if world.main else lambda path, stage, **row: dict(stage=stage, **row)
     for epoch in range(1, args.epochs + 1):
         # ---- algorithm: one epoch of SFT with explanation dropout ----
         bundle.model.train()
@@ -242,33 +286,38 @@ def train(args, paths: RunPaths, model: str):
         losses, n_tok, t0 = [], 0, time.time()
         bar = tqdm(range(0, len(order), args.batch_size), desc=f"sft epoch {epoch}", unit=" step")
         for s in bar:
-            idx = order[s:s + args.batch_size]
-            with bundle.use("scorer"):
-                loss = scorer_loss(forward(idx), tr_labels[idx])
+            idx = world.share(order[s:s + args.batch_size])  # torchrun: this rank's part
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = torch.zeros(())
+            if len(idx):
+                with bundle.use("scorer"):
+                    loss = scorer_loss(forward(idx), tr_labels[idx])
+                loss.backward()
+            world.average_gradients(params, len(idx))  # = the whole batch's gradient
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
-            losses.append(loss.item())
+            losses.append(world.weighted_mean({"loss": loss.item()}, len(idx))["loss"])
             n_tok += sum(len(tr_seqs[i]) for i in idx)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
             step += 1
             if args.eval_every and step % args.eval_every == 0 and s + args.batch_size < len(order):
                 curve = valid_row(evaluate())  # a learning-curve point (not a stopping candidate)
-                common.log_metrics(paths.metrics, "stage1_sft_curve", step=step, epoch=epoch,
-                                   samples=step * args.batch_size, train_loss=float(np.mean(losses)),
-                                   **curve, model=model)
+                log(paths.metrics, "stage1_sft_curve", step=step, epoch=epoch,
+                    samples=step * args.batch_size, train_loss=float(np.mean(losses)), **curve,
+                    model=model)
                 bundle.model.train()
         train_s = time.time() - t0
+        n_tok = sum(world.gather(n_tok))
         aucs = evaluate()
         auc_e, auc_n = aucs[:2]
-        row = common.log_metrics(paths.metrics, "stage1_sft", epoch=epoch, step=step,
-                                 samples=step * args.batch_size, loss=float(np.mean(losses)),
-                                 **valid_row(aucs), tokens_per_s=round(n_tok / train_s, 1), seconds=round(train_s, 1),
-                                 model=model)
+        row = log(paths.metrics, "stage1_sft", epoch=epoch, step=step,
+                  samples=step * args.batch_size, loss=float(np.mean(losses)), **valid_row(aucs),
+                  tokens_per_s=round(n_tok / train_s, 1), seconds=round(train_s, 1), model=model,
+                  nproc=world.size)
         history.append(row)
-        print(f"[stage1] epoch {epoch}: loss {row['loss']:.4f}, valid AUC with expl {auc_e}, "
-              f"without {auc_n}, {row['tokens_per_s']} train tokens/s")
+        if world.main:
+            print(f"[stage1] epoch {epoch}: loss {row['loss']:.4f}, valid AUC with expl {auc_e}, "
+                  f"without {auc_n}, {row['tokens_per_s']} train tokens/s")
         # --select-on last, or a single-class valid: keep the last epoch
         score = epoch if args.select_on == "last" or math.isnan(auc_e) else auc_e
         if stopper.step(score):
@@ -291,11 +340,13 @@ def train(args, paths: RunPaths, model: str):
                "answer_layer": args.answer_layer or bundle.n_layers, "scorer_view": args.scorer_view,
                "lower_layers_seconds": round(lower_s, 1),
                "model": model, "history": history}
+    if not world.main:  # torchrun: rank 0 writes
+        return
     bundle.save_adapter("scorer", paths.scorer, files={"metrics.json": metrics}, expl_tag=args.expl_tag)
     print(f"[stage1] scorer -> {paths.scorer} (best epoch {best_row['epoch']})")
 
 
-def predict(args, paths: RunPaths, model: str):
+def predict(args, paths: RunPaths, model: str, world):
     tags = [t for t in args.predict.split(",") if t]
     splits = [s for s in args.split.split(",") if s]
     out = lambda s, t: paths.scorer / f"preds_{s}_{t}.jsonl"
@@ -305,7 +356,7 @@ def predict(args, paths: RunPaths, model: str):
         return
     paths.require(paths.scorer / "adapter_config.json", f"python stage1_sft.py --run-dir {paths.root}")
     items, popt = common.load_items(paths), common.prompt_options(paths)
-    bundle = llm.LLM(model, args.dtype, args.device, args.threads)
+    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads))
     bundle.attach({"scorer": paths.scorer})
     for split in splits:
         tags_s = [t for s, t in todo if s == split]
@@ -330,9 +381,9 @@ def predict(args, paths: RunPaths, model: str):
                 variants.append([expls[q] for q in perm])
                 owner.append((tag, j))
         t0 = time.time()
-        P = predict_p(bundle, prompts, variants, args.eval_batch,
-                      [common.target_text(r, items) for r in rows])
-        for tag in tags_s:
+        P = predict_p_chunked(world, bundle, prompts, variants, args.eval_batch,
+                              [common.target_text(r, items) for r in rows])
+        for tag in tags_s if world.main else ():  # torchrun: rank 0 writes
             p = P[owner.index((tag, None))]
             p_sh = [P[v] for v, (t, j) in enumerate(owner) if t == tag and j is not None]
             common.write_jsonl(out(split, tag), (
@@ -342,6 +393,7 @@ def predict(args, paths: RunPaths, model: str):
             a = auc(labels, p)
             a_sh = float(np.mean([auc(labels, x) for x in p_sh])) if p_sh else None
             common.log_metrics(paths.metrics, "stage1_sft", mode="predict", split=split, tag=tag,
+                               nproc=world.size,
                                auc=a, auc_shuffled_mean=a_sh, n_shuffles=len(p_sh), n=len(rows),
                                seconds=round((time.time() - t0) / len(tags_s), 1))
             print(f"[stage1] preds_{split}_{tag}: AUC {a}" +
@@ -352,10 +404,12 @@ def main(argv=None):
     args = parse_args(argv)
     paths = RunPaths(args.run_dir)
     model = llm.run_model(paths, args.model)
+    world = parallel.init(args.device)  # torchrun: data-parallel SFT, chunked scoring
     if args.predict:
-        predict(args, paths, model)
+        predict(args, paths, model, world)
     else:
-        train(args, paths, model)
+        train(args, paths, model, world)
+    parallel.close()
 
 
 if __name__ == "__main__":

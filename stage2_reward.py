@@ -35,6 +35,8 @@ Three modes.
     rows {uid, iid, label, prompt, explanation, n_tokens} + R/explanations/T/S.npy embeddings
     (row-aligned with R/data/S.jsonl) + R/explanations/T/meta.json.
 All append rows to R/metrics.jsonl (stage "stage2_reward" / "probe").
+Under torchrun (parallel.py) the rows run in chunks of --gen-batch, chunk c on rank c % N, each
+seeded by its index: the files of N processes are those of one process.
 
     python stage2_reward.py --run-dir runs/x --split train,valid,test --tag base
     python stage2_reward.py --run-dir runs/x --probe base
@@ -49,10 +51,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import common
 import llm
+import parallel
 from common import ExpCTRError, RunPaths
 
 SEED_STRIDE = 100003  # sampling seed of iteration k = seed * SEED_STRIDE + k (the probe uses k = 0)
@@ -83,10 +85,13 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=40, help="explanation length cap (tokens)")
     p.add_argument("--encoder", default=None, help="embedding model for explanations (default: the "
                    "base LLM, adapters off, mean-pooled last hidden state)")
-    p.add_argument("--gen-batch", type=int, default=128, help="sequences per generate() call")
+    p.add_argument("--gen-batch", type=int, default=128,
+                   help="sequences per generate() call; also the chunk of work: rollouts are seeded, "
+                        "sampled and scored chunk by chunk, chunk c on rank c %% N under torchrun")
     p.add_argument("--fwd-batch", type=int, default=64, help="sequences per scoring forward pass")
     p.add_argument("--save-every", type=int, default=8,
-                   help="explanation mode: checkpoint partial results every N generate batches")
+                   help="explanation mode: checkpoint partial results every N rounds of "
+                        "generate batches (one batch per process per round)")
     p.add_argument("--force", action="store_true", help="redo even if the output exists")
     a = p.parse_args(argv)
     if sum(x is not None for x in (a.iter, a.probe, a.split)) != 1:
@@ -154,64 +159,80 @@ def iteration_prompts(n: int, per_iter: int, k: int, seed: int) -> np.ndarray:
     return np.sort(order[start:start + per_iter])
 
 
-def generate_all(bundle, adapter, prompt_ids, args, greedy, desc, on_batch=None, done=None):
-    """Batched generation over prompt_ids (already repeated K times for rollouts), adapter active
-    and unmerged. Sampled mode also returns the generation-time log-probs of each token."""
-    done = done or {}
-    todo = [i for i in range(len(prompt_ids)) if i not in done]
-    # rollouts keep the K copies of a prompt together; explanations batch by length
-    batches = ([todo[i:i + args.gen_batch] for i in range(0, len(todo), args.gen_batch)] if not greedy
-               else [[todo[j] for j in b] for b in
-                     llm.length_batches([len(prompt_ids[i]) for i in todo], args.gen_batch)])
-    out, gen_lp = dict(done), {}
+def chunk_seed(seed: int, c: int) -> int:
+    """[ours] The sampling seed of chunk c (a --gen-batch block of rows): each chunk owns its
+    random stream, so that N processes (chunk c on rank c % N) sample what one process samples."""
+    return int(np.random.SeedSequence([seed, c]).generate_state(1)[0])
+
+
+def generate(bundle, adapter, prompt_ids, args, greedy):
+    """Generation in --gen-batch batches with `adapter` active and unmerged (the modules PPO
+    trains); sampled mode also returns the generation-time log-probs of each token (CPU)."""
+    comps, lps = [], []
     with bundle.use(adapter):
-        for b, idx in enumerate(tqdm(batches, desc=desc, unit=" batch")):
-            res = bundle.generate([prompt_ids[i] for i in idx], greedy=greedy,
+        for a in range(0, len(prompt_ids), args.gen_batch):
+            res = bundle.generate(prompt_ids[a:a + args.gen_batch], greedy=greedy,
                                   temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                                   return_logprobs=not greedy)
-            comps, lps = (res, None) if greedy else res
-            out.update(zip(idx, comps))
-            if lps is not None:
-                gen_lp.update(zip(idx, lps))
-            if on_batch is not None and (b + 1) % args.save_every == 0:
-                on_batch(out)
-    comps = [out[i] for i in range(len(prompt_ids))]
-    return comps if greedy else (comps, [gen_lp[i] for i in range(len(prompt_ids))])
+            comps += res if greedy else res[0]
+            lps += [] if greedy else [x.float().cpu() for x in res[1]]
+    return comps if greedy else (comps, lps)
 
 
-def sample_and_score(bundle, actor, samples, items, args, seed, desc, popt):
+def sample_and_score(bundle, actor, samples, items, args, seed, desc, popt, world):
     """K samples per prompt from `actor` (None = base), their rewards and log-probs; one dict of
-    per-sample lists. `behaviour_gap` = max |log-prob as generation computed it - logp_old|: the
-    sampling policy and the stored one are the same distribution up to float rounding."""
+    per-sample lists. The rows (K copies of a prompt next to each other) run in chunks of
+    --gen-batch: sampled with the chunk's seed, then scored, all within the chunk (the same
+    batches whatever the number of processes). `behaviour_gap` = max |log-prob as generation
+    computed it - logp_old|: the sampling policy and the stored one are the same distribution
+    up to float rounding."""
     prompts = [common.build_prompt(s, items, **popt) for s in samples]
     prompt_ids = [bundle.explainer_ids(p) for p in prompts]
-    torch.manual_seed(seed)
+    targets = [common.target_text(s, items) for s in samples]
+    chunks = [list(range(a, min(len(samples), a + args.gen_batch)))
+              for a in range(0, len(samples), args.gen_batch)]
+    embedder = llm.make_embedder(bundle, args.encoder, args.fwd_batch) if args.aug else None
+
+    def run(c):
+        idx, t = chunks[c], [time.time()]
+        pids = [prompt_ids[i] for i in idx]
+        torch.manual_seed(chunk_seed(seed, c))
+        comps, gen_lp = generate(bundle, actor, pids, args, greedy=False)
+        t.append(time.time())
+        expls = [bundle.decode(x) for x in comps]
+        labels = [samples[i]["label"] for i in idx]
+        r_lc = lc_reward(bundle, [prompts[i] for i in idx], expls, labels, args.fwd_batch,
+                         [targets[i] for i in idx])
+        t.append(time.time())
+        r_ic = ic_reward(args.aug, [samples[i] for i in idx], embedder(expls)) if args.aug else None
+        t.append(time.time())
+        logp_old = token_logprobs(bundle, actor, pids, comps, args.fwd_batch, args.temperature)
+        t.append(time.time())
+        logp_ref = logp_old if actor is None else token_logprobs(
+            bundle, None, pids, comps, args.fwd_batch, args.temperature)
+        t.append(time.time())
+        gaps = [float((g - torch.tensor(o)).abs().max())
+                for g, o in zip(gen_lp, logp_old) if len(o)]
+        return {"comps": comps, "expls": expls, "r_lc": r_lc.tolist(),
+                "r_ic": None if r_ic is None else r_ic.tolist(), "logp_old": logp_old,
+                "logp_ref": logp_ref, "gap": max(gaps, default=0.0),
+                "timings": np.diff(t).tolist()}
+
     t0 = time.time()
-    comps, gen_lp = generate_all(bundle, actor, prompt_ids, args, False, desc)
-    gen_s = time.time() - t0
-    expls = [bundle.decode(c) for c in comps]
-    labels = [s["label"] for s in samples]
-    t1 = time.time()
-    r_lc = lc_reward(bundle, prompts, expls, labels, args.fwd_batch,
-                     [common.target_text(s, items) for s in samples])
-    t2 = time.time()
-    r_ic = None
-    if args.aug:
-        r_ic = ic_reward(args.aug, samples, llm.make_embedder(bundle, args.encoder, args.fwd_batch)(expls))
-    reward = total_reward(r_lc, r_ic, args.lambda_ic)
-    t3 = time.time()
-    logp_old = token_logprobs(bundle, actor, prompt_ids, comps, args.fwd_batch, args.temperature)
-    t4 = time.time()
-    logp_ref = logp_old if actor is None else token_logprobs(
-        bundle, None, prompt_ids, comps, args.fwd_batch, args.temperature)
-    t5 = time.time()
-    gaps = [float((g - torch.tensor(o)).abs().max()) for g, o in zip(gen_lp, logp_old) if len(o)]
-    return {"prompts": prompts, "prompt_ids": prompt_ids, "comps": comps, "expls": expls,
-            "r_lc": r_lc, "r_ic": r_ic, "reward": reward, "logp_old": logp_old,
-            "logp_ref": logp_ref, "gen_s": gen_s, "score_s": t5 - t1,
-            "timings": {"generate": gen_s, "r_lc": t2 - t1, "r_ic": t3 - t2, "logp_old": t4 - t3,
-                        "logp_ref": t5 - t4},
-            "behaviour_gap": max(gaps) if gaps else 0.0}
+    res = world.map_chunks(len(chunks), run, desc)
+    res = [res[c] for c in range(len(chunks))]
+    cat = lambda key: [x for r in res for x in r[key]]
+    # seconds: per phase, summed over chunks and divided by the processes (per-process time)
+    secs = np.sum([r["timings"] for r in res], 0) / world.size
+    r_lc = np.asarray(cat("r_lc"), np.float64)
+    r_ic = None if args.aug is None else np.asarray(cat("r_ic"), np.float64)
+    return {"prompts": prompts, "prompt_ids": prompt_ids, "comps": cat("comps"),
+            "expls": cat("expls"), "r_lc": r_lc, "r_ic": r_ic,
+            "reward": total_reward(r_lc, r_ic, args.lambda_ic), "logp_old": cat("logp_old"),
+            "logp_ref": cat("logp_ref"), "gen_s": float(secs[0]), "score_s": float(secs[1:].sum()),
+            "wall_s": time.time() - t0,
+            "timings": dict(zip(("generate", "r_lc", "r_ic", "logp_old", "logp_ref"), secs.tolist())),
+            "behaviour_gap": max(r["gap"] for r in res)}
 
 
 # ---- plumbing: the three modes -----------------------------------------------------------
@@ -227,7 +248,7 @@ def attach_policy(bundle: llm.LLM, paths: RunPaths, tag: str, scorer: Path | Non
     return "explainer" if folder is not None else None
 
 
-def explanations_mode(args, paths: RunPaths, model: str):
+def explanations_mode(args, paths: RunPaths, model: str, world):
     splits = [s for s in args.split.split(",") if s]
     for s in splits:
         if s not in common.ALL_SPLITS:
@@ -245,7 +266,7 @@ def explanations_mode(args, paths: RunPaths, model: str):
             raise ExpCTRError(f"{meta_path}: made with --model {meta.get('model')} --encoder "
                               f"{meta.get('encoder')}, not {model} / {args.encoder}; use --force")
     items, popt = common.load_items(paths), common.prompt_options(paths)
-    bundle = llm.LLM(model, args.dtype, args.device, args.threads)
+    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads))
     adapter = attach_policy(bundle, paths, args.tag)
     embedder = llm.make_embedder(bundle, args.encoder, args.fwd_batch)
     for split in todo:
@@ -257,16 +278,37 @@ def explanations_mode(args, paths: RunPaths, model: str):
         if part.exists() and not args.force:  # resume a run killed halfway
             done = {r["_i"]: r["ids"] for r in common.read_jsonl(part)
                     if r.get("model") == model and r["_i"] < len(rows)}
-            print(f"[stage2] resuming {split}: {len(done)}/{len(rows)} done")
-        save = lambda out: common.write_jsonl(part, ({"_i": i, "ids": c, "model": model}
-                                                     for i, c in sorted(out.items())))
+            world.main and print(f"[stage2] resuming {split}: {len(done)}/{len(rows)} done")
+
+        def save(by_chunk):  # rank 0 keeps the partial file (every --save-every rounds)
+            if world.main:
+                rows_done = dict(done)
+                for d in by_chunk.values():
+                    rows_done.update(d)
+                common.write_jsonl(part, ({"_i": i, "ids": c, "model": model}
+                                          for i, c in sorted(rows_done.items())))
+        # chunks = generate batches of similar length; the chunking never depends on the number
+        # of processes (chunk c runs on rank c % N), so the file does not either
+        chunks = llm.length_batches([len(x) for x in prompt_ids], args.gen_batch)
+        todo_c = [c for c in chunks if not all(i in done for i in c)]
+
+        def run(j):
+            return dict(zip(todo_c[j], generate(bundle, adapter, [prompt_ids[i] for i in todo_c[j]],
+                                                args, greedy=True)))
         common.set_seed(args.seed)
         t0 = time.time()
-        comps = generate_all(bundle, adapter, prompt_ids, args, True,
-                             f"explain {args.tag}/{split}", save, done)
+        out = dict(done)
+        for part_out in world.map_chunks(len(todo_c), run, f"explain {args.tag}/{split}",
+                                         on_round=save, every=args.save_every).values():
+            out.update(part_out)
+        comps = [out[i] for i in range(len(rows))]
         gen_s = time.time() - t0
         expls = [bundle.decode(c) for c in comps]
-        emb = embedder(expls)
+        emb = world.map_chunks(len(chunks), lambda c: embedder([expls[i] for i in chunks[c]]),
+                               f"embed {args.tag}/{split}")
+        emb = np.concatenate([emb[c] for c in range(len(chunks))])[np.argsort(np.concatenate(chunks))]
+        if not world.main:
+            continue
         common.save_npy(paths.embeddings(args.tag, split), emb.astype(np.float32))
         common.write_jsonl(paths.explanations(args.tag, split), (
             {"uid": r["uid"], "iid": r["iid"], "label": r["label"], "prompt": p,
@@ -277,6 +319,7 @@ def explanations_mode(args, paths: RunPaths, model: str):
         part.unlink(missing_ok=True)
         n_new = len(rows) - len(done)
         row = common.log_metrics(paths.metrics, "stage2_reward", mode="explanations", tag=args.tag,
+                                 nproc=world.size,
                                  split=split, n=len(rows), model=model,
                                  expl_len=float(np.mean([len(c) for c in comps])),
                                  expl_per_s=round(n_new / max(gen_s, 1e-9), 3), seconds=round(gen_s, 1))
@@ -316,7 +359,7 @@ def reward_inputs(args, paths: RunPaths, split: str) -> tuple[Path, list[dict]]:
     return scorer, rows
 
 
-def rollout_mode(args, paths: RunPaths, model: str):
+def rollout_mode(args, paths: RunPaths, model: str, world):
     k = args.iter
     out = paths.rollouts(k)
     if not args.force and check_existing(out, model):
@@ -330,10 +373,12 @@ def rollout_mode(args, paths: RunPaths, model: str):
     pick = iteration_prompts(len(rl), args.prompts_per_iter, k, args.seed)
     samples = [rl[i] for i in pick for _ in range(args.k_samples)]
     groups = [g for g in range(len(pick)) for _ in range(args.k_samples)]
-    bundle = llm.LLM(model, args.dtype, args.device, args.threads)
+    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads))
     actor = attach_policy(bundle, paths, policy, scorer)
     res = sample_and_score(bundle, actor, samples, items, args, args.seed * SEED_STRIDE + k,
-                           f"rollouts iter {k}", popt)
+                           f"rollouts iter {k}", popt, world)
+    if not world.main:  # torchrun: rank 0 writes
+        return
     phase = "ic" if args.lambda_ic > 0 else "lc"
     common.write_jsonl(out, (
         {"uid": s["uid"], "iid": s["iid"], "label": s["label"], "prompt": res["prompts"][i],
@@ -347,6 +392,7 @@ def rollout_mode(args, paths: RunPaths, model: str):
     r_ic = res["r_ic"]
     row = common.log_metrics(
         paths.metrics, "stage2_reward", iter=k, policy=policy, phase=phase, model=model,
+        nproc=world.size,
         n=len(samples), lambda_ic=args.lambda_ic, reward=float(np.mean(res["reward"])),
         r_lc=float(np.mean(res["r_lc"])), r_ic=None if r_ic is None else float(np.mean(r_ic)),
         expl_len=float(np.mean([len(c) for c in res["comps"]])),
@@ -358,7 +404,7 @@ def rollout_mode(args, paths: RunPaths, model: str):
           f"{row['behaviour_gap']:.2e}; e.g. {res['expls'][0]!r}")
 
 
-def probe_mode(args, paths: RunPaths, model: str):
+def probe_mode(args, paths: RunPaths, model: str, world):
     tag = args.probe
     out = paths.probe(tag)
     if not args.force and check_existing(out, model):
@@ -366,11 +412,13 @@ def probe_mode(args, paths: RunPaths, model: str):
     scorer, probe = reward_inputs(args, paths, "probe")
     items, popt = common.load_items(paths), common.prompt_options(paths)
     samples = [s for s in probe for _ in range(args.k_samples)]
-    bundle = llm.LLM(model, args.dtype, args.device, args.threads)
+    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads))
     actor = attach_policy(bundle, paths, tag, scorer)
     # ---- algorithm: the same prompts, K and seed for every policy (like with like) ----
     res = sample_and_score(bundle, actor, samples, items, args, args.seed * SEED_STRIDE,
-                           f"probe {tag}", popt)
+                           f"probe {tag}", popt, world)
+    if not world.main:  # torchrun: rank 0 writes
+        return
     kl = [float(np.sum(np.subtract(o, r), dtype=np.float64)) for o, r in
           zip(res["logp_old"], res["logp_ref"])]
     common.write_jsonl(out, (
@@ -381,6 +429,7 @@ def probe_mode(args, paths: RunPaths, model: str):
          "temperature": args.temperature}
         for i, s in enumerate(samples)))
     row = common.log_metrics(paths.metrics, "probe", tag=tag, model=model, n=len(samples),
+                             nproc=world.size,
                              r_lc=float(np.mean(res["r_lc"])), kl_ref=float(np.mean(kl)),
                              behaviour_gap=res["behaviour_gap"], gen_s=round(res["gen_s"], 1),
                              score_s=round(res["score_s"], 1))
@@ -392,12 +441,14 @@ def main(argv=None):
     args = parse_args(argv)
     paths = RunPaths(args.run_dir)
     model = llm.run_model(paths, args.model)
+    world = parallel.init(args.device)  # torchrun: chunks shared out by rank, rank 0 writes
     if args.iter is not None:
-        rollout_mode(args, paths, model)
+        rollout_mode(args, paths, model, world)
     elif args.probe is not None:
-        probe_mode(args, paths, model)
+        probe_mode(args, paths, model, world)
     else:
-        explanations_mode(args, paths, model)
+        explanations_mode(args, paths, model, world)
+    parallel.close()
 
 
 if __name__ == "__main__":

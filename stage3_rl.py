@@ -21,6 +21,9 @@ Writes  R/policy/iter_k/ (peft adapter `explainer`, PeftModel.from_pretrained-lo
         means over this iteration's own prompts (a training statistic: each iteration draws other
         prompts, so they are not a learning curve; the reward probe is, see stage2_reward.py).
 
+Under torchrun (parallel.py): each minibatch shared by the ranks, gradients averaged (the
+update of one process with the whole minibatch); rank 0 writes.
+
     python stage3_rl.py --run-dir runs/x --iter 1
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ from tqdm import tqdm
 
 import common
 import llm
+import parallel
 from common import ExpCTRError, RunPaths
 
 
@@ -114,6 +118,9 @@ def ppo_loss(logp, logp_old, logp_ref, adv, mask, clip_eps: float = 0.2, kl_beta
     return loss, stats
 
 
+STAT_KEYS = ("pg_loss", "kl", "clip_frac", "ratio", "ratio_max_dev", "loss")  # ppo_loss + loss
+
+
 def pad(seqs: list, value: float = 0.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """List of 1-D tensors / lists -> right-padded [B, L] float tensor and its mask."""
     L = max(len(s) for s in seqs)
@@ -165,10 +172,12 @@ def main(argv=None):
         print(f"[stage3] {paths.policy(k)} exists, skipped")
         return
     rows = load_rollouts(paths, k, model)
+    world = parallel.init(args.device)  # torchrun: each minibatch shared out, gradients averaged
     common.set_seed(args.seed + k)
-    bundle = llm.LLM(model, args.dtype, args.device, args.threads)
+    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads))
     bundle.attach({"explainer": llm.policy_folder(paths, common.policy_tag(k - 1))})
     params = bundle.trainable("explainer")
+    world.broadcast_params(params)
     bundle.model.eval()  # [ours] no LoRA dropout: ratio == 1 before the first step
     bundle.activation_checkpointing(args.grad_checkpoint)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -189,30 +198,43 @@ def main(argv=None):
         for e, s in tqdm(steps, desc=f"ppo iter {k}", unit=" step"):
             if s == 0:
                 order = rng.permutation(len(rows))
-            mb = [rows[i] for i in order[s:s + args.minibatch]]
-            # ---- algorithm: one PPO minibatch step ----
-            new, ent = bundle.completion_logprobs([r["prompt_ids"] for r in mb],
-                                                  [r["completion_ids"] for r in mb], entropy=True,
-                                                  temperature=temperature)
-            logp = torch.nn.utils.rnn.pad_sequence([x.float() for x in new], batch_first=True)
-            old, mask = pad([r["logp_old"] for r in mb], device=bundle.device)
-            ref, _ = pad([r["logp_ref"] for r in mb], device=bundle.device)
-            adv = torch.tensor(adv_all[order[s:s + args.minibatch]], dtype=torch.float32,
-                               device=bundle.device)
-            loss, st = ppo_loss(logp, old, ref, adv, mask, args.clip_eps, args.kl_beta)
+            pick = world.share(order[s:s + args.minibatch])  # torchrun: this rank's part
+            mb = [rows[i] for i in pick]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            st, ent = dict.fromkeys(STAT_KEYS, 0.0), 0.0
+            if mb:
+                # ---- algorithm: one PPO minibatch step ----
+                new, ents_mb = bundle.completion_logprobs([r["prompt_ids"] for r in mb],
+                                                          [r["completion_ids"] for r in mb],
+                                                          entropy=True, temperature=temperature)
+                logp = torch.nn.utils.rnn.pad_sequence([x.float() for x in new], batch_first=True)
+                old, mask = pad([r["logp_old"] for r in mb], device=bundle.device)
+                ref, _ = pad([r["logp_ref"] for r in mb], device=bundle.device)
+                adv = torch.tensor(adv_all[pick], dtype=torch.float32, device=bundle.device)
+                loss, st = ppo_loss(logp, old, ref, adv, mask, args.clip_eps, args.kl_beta)
+                loss.backward()
+                st["loss"] = loss.item()
+                ent = float(torch.cat(ents_mb).detach().float().mean())
+            # ---- plumbing: the whole minibatch's gradient and statistics over the ranks ----
+            world.average_gradients(params, len(mb))
             st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
             opt.step()
-            st["loss"] = loss.item()
+            dev_max = max(world.gather(st.pop("ratio_max_dev")))
+            st = dict(world.weighted_mean(dict(st, entropy=ent), len(mb)), ratio_max_dev=dev_max,
+                      grad_norm=st["grad_norm"])
+            ents.append(st.pop("entropy"))
             stats.append(st)
-            ents.append(float(torch.cat(ent).detach().float().mean()))
             n_tok += sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in mb)
+    n_tok = sum(world.gather(n_tok))
     secs = time.time() - t0
+    if not world.main:  # torchrun: rank 0 writes
+        parallel.close()
+        return
     mean = lambda key: float(np.mean([s[key] for s in stats]))
     r_ic = [r["r_ic"] for r in rows if r.get("r_ic") is not None]
     row = common.log_metrics(
         paths.metrics, "stage3_rl", iter=k, phase=phase, model=model, n=len(rows),
+        nproc=world.size,
         reward=float(rewards.mean()), r_lc=float(np.mean([r["r_lc"] for r in rows])),
         r_ic=float(np.mean(r_ic)) if r_ic else None, reward_std_within_group=float(np.mean(within_std)),
         reward_std_all=float(rewards.std()), adv_abs_mean_raw=float(np.abs(raw_adv).mean()),
@@ -227,6 +249,7 @@ def main(argv=None):
     print(f"[stage3] iter {k} ({phase}): reward {row['reward']:.4f}, KL {row['kl']:.5f}, clip "
           f"{row['clip_frac']:.3f}, entropy {row['entropy']:.3f}, {row['tokens_per_s']} tokens/s "
           f"-> {paths.policy(k)}")
+    parallel.close()
 
 
 if __name__ == "__main__":

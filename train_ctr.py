@@ -12,6 +12,8 @@ Reads   runs/X/data/{train,valid,test}.jsonl or the columnar store data/store/ (
         with data/<split>.jsonl) or '.../{split}.jsonl' with uid/iid/emb keys.
 Writes  runs/X/ctr/<out-name>/{model.pt, metrics.json, preds_valid.jsonl, preds_test.jsonl}
         (one atomic folder); appends one line per epoch to runs/X/metrics.jsonl.
+Under torchrun (parallel.py, gloo): each batch shared by the ranks, gradients averaged (the
+update of one process with the whole batch); every rank scores valid, rank 0 writes.
 
     python train_ctr.py --run-dir runs/ml100k --model din
     python train_ctr.py --run-dir runs/ml100k --model din --out-name din_aug \
@@ -34,6 +36,7 @@ from tqdm import tqdm
 import common
 import ctr_features
 import metrics
+import parallel
 import sample_store
 from common import ExpCTRError, RunPaths
 from ctr_features import Features
@@ -174,9 +177,6 @@ class CTRModel(nn.Module):
     def history_items(self, b, gm):  # [B, K, d]: each history item as item + its genre mean
         return self.item(b["hid"]) + gm[b["hpos"]]
 
-    def history(self, b, gm):  # -> items [B,K,d], their signs [B,K,d], mask [B,K]
-        return self.history_items(b, gm), self.sign(b["hlab"]), (b["hlab"] > 0).float()
-
     def pooled_history(self, b, gm):  # [ours] DeepFM/DCNv2: mean of the liked items, mean of
         # the disliked ones, and the history-label field (the sum of the liked / disliked sign
         # embeddings: how many recent items were liked; DIN pools the signs by attention)
@@ -254,13 +254,27 @@ class DIN(CTRModel):
         self.deep = mlp([self.width] + self.hidden, cfg["dropout"])
         self.out = nn.Linear(self.hidden[-1], 1)
 
+    def attention(self, q, hk, hlab):  # -> w [B, K]: the unit's weights, 0 on pads
+        """att([q, k, q-k, q*k, sign]) computed by parts (the same function and parameters as
+        the concatenated input, ~20% faster on CPU): split the first layer's weight into
+        W = [Wq Wk Wd Wp Ws]; then W.x = (Wq+Wd).q + [Wk-Wd Wp].[k, q*k] + (Ws.sign)[hlab], so the
+        query part runs once per sample, not once per history slot, and the sign part is a
+        lookup in a 3-row table. tests/test_train_ctr.py holds it equal to the concatenation."""
+        first, act, last = self.att
+        wq, wk, wd, wp, ws = first.weight.split(self.cfg["emb_dim"], 1)
+        pre = (nn.functional.linear(q, wq + wd, first.bias).unsqueeze(1)
+               + nn.functional.linear(torch.cat([hk, q.unsqueeze(1) * hk], -1),
+                                      torch.cat([wk - wd, wp], 1))
+               + nn.functional.embedding(hlab, self.sign.weight @ ws.T))
+        return last(act(pre)).squeeze(-1) * (hlab > 0).float()
+
     def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
         gm = self.genre_means(b)
         ids = self.id_fields(b, gm)
-        hk, sign, mask = self.history(b, gm)
-        q = (ids[1] + ids[2]).unsqueeze(1).expand_as(hk)  # query: target item + its genre mean
-        w = self.att(torch.cat([q, hk, q - hk, q * hk, sign], -1)).squeeze(-1) * mask  # pads: 0
-        hist = [(w.unsqueeze(-1) * hk).sum(1), (w.unsqueeze(-1) * sign).sum(1)]
+        hk, hlab = self.history_items(b, gm), b["hlab"]
+        w = self.attention(ids[1] + ids[2], hk, hlab)  # query: target item + its genre mean
+        signs = [(w * (hlab == s)).sum(1, keepdim=True) * self.sign.weight[s] for s in (1, 2)]
+        hist = [(w.unsqueeze(-1) * hk).sum(1), signs[0] + signs[1]]  # = sum_k w_k * sign_k
         return self.out(self.deep(torch.cat(self.all_fields(ids, hist, text), -1))).squeeze(-1)
 
 
@@ -399,13 +413,16 @@ def embedding_penalty(net: nn.Module, emb_reg: float) -> torch.Tensor:
                              if isinstance(m, nn.Embedding))
 
 
-def train_net(args, data, vocab, cfg, text, paths, out_name):
+def train_net(args, data, vocab, cfg, text, paths, out_name, world):
     torch.manual_seed(args.seed)
     net = build_net(cfg)
     if args.init_from:
         init = torch.load(Path(args.init_from) / "model.pt", map_location="cpu", weights_only=True)
         n = warm_start(net, init["state_dict"], cfg)
         print(f"[train_ctr] warm start: {n}/{len(net.state_dict())} tensors from {args.init_from}")
+    world.broadcast_params(net.parameters())  # torchrun: every rank starts from rank 0's values
+    if world.rank:  # its own dropout masks (rank 0 keeps the one-process stream)
+        torch.manual_seed(args.seed * 1000 + world.rank)
     feats = {s: Features(data[s], vocab) for s in ("train", "valid")}
     y = torch.from_numpy(feats["train"].labels)
     yv, uv = data["valid"].label, data["valid"].uid
@@ -418,31 +435,35 @@ def train_net(args, data, vocab, cfg, text, paths, out_name):
         pv = predict_net(net, feats["valid"], text["valid"])  # split may only make it worse
         stopper.step(evaluate_predictions(yv, pv, uv)["auc"])
         best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        print(f"[train_ctr] {out_name} epoch 0 (warm start): valid AUC {stopper.best:.4f}")
+        world.main and print(f"[train_ctr] {out_name} epoch 0 (warm start): valid AUC {stopper.best:.4f}")
     for epoch in range(1, args.epochs + 1):
         net.train()
         perm, total, t_epoch = torch.randperm(n, generator=gen), 0.0, time.time()
         bar = tqdm(range(0, n, args.batch_size), desc=f"{out_name} epoch {epoch}", leave=False,
                    disable=None)
         for a in bar:
-            idx = perm[a:a + args.batch_size]
-            b = feats["train"].batch(idx.numpy())
-            logit = net(b, None if text["train"] is None else text["train"][idx])
-            loss = nn.functional.binary_cross_entropy_with_logits(logit, y[idx])
-            if args.emb_reg:
-                loss = loss + embedding_penalty(net, args.emb_reg)
+            idx = world.share(perm[a:a + args.batch_size])  # torchrun: this rank's part
             opt.zero_grad()
-            loss.backward()
+            if len(idx):
+                b = feats["train"].batch(idx.numpy())
+                logit = net(b, None if text["train"] is None else text["train"][idx])
+                loss = nn.functional.binary_cross_entropy_with_logits(logit, y[idx])
+                if args.emb_reg:
+                    loss = loss + embedding_penalty(net, args.emb_reg)
+                loss.backward()
+                total += loss.item() * len(idx)  # (with --emb-reg: the penalty included)
+            world.average_gradients(net.parameters(), len(idx))  # = the whole batch's gradient
             opt.step()
-            total += loss.item() * len(idx)  # (with --emb-reg: the penalty included)
         speed.append(n / (time.time() - t_epoch))
-        pv = predict_net(net, feats["valid"], text["valid"])
+        total = sum(world.gather(total))
+        pv = predict_net(net, feats["valid"], text["valid"])  # every rank: the same decision
         m = evaluate_predictions(yv, pv, uv)
-        common.log_metrics(paths.metrics, stage="train_ctr", model=out_name, epoch=epoch,
-                           train_loss=round(total / n, 6), valid_auc=round(m["auc"], 6),
-                           valid_logloss=round(m["logloss"], 6))
-        print(f"[train_ctr] {out_name} epoch {epoch}: train loss {total / n:.4f}, "
-              f"valid AUC {m['auc']:.4f} logloss {m['logloss']:.4f}")
+        if world.main:
+            common.log_metrics(paths.metrics, stage="train_ctr", model=out_name, epoch=epoch,
+                               train_loss=round(total / n, 6), valid_auc=round(m["auc"], 6),
+                               valid_logloss=round(m["logloss"], 6))
+            print(f"[train_ctr] {out_name} epoch {epoch}: train loss {total / n:.4f}, "
+                  f"valid AUC {m['auc']:.4f} logloss {m['logloss']:.4f}")
         if stopper.step(m["auc"]):  # NaN AUC (one-class valid): keeps the first epoch
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             best_epoch = epoch
@@ -456,7 +477,8 @@ def train_net(args, data, vocab, cfg, text, paths, out_name):
 def main(argv=None):
     t_start = time.time()
     args = parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
+    world = parallel.init("cpu")  # torchrun: data-parallel training (gloo), rank 0 writes
+    torch.set_num_threads(max(1, world.threads(args.threads)))
     paths = RunPaths(args.run_dir)
     out_name = args.out_name or args.model
     out = paths.ctr(out_name)
@@ -513,10 +535,13 @@ def main(argv=None):
         print(f"[train_ctr] --epochs 0: evaluating {args.init_from} as trained, no training")
     elif args.model in TORCH_MODELS:
         net, state, best_epoch, epochs_run, sps = train_net(args, data, vocab, cfg, text, paths,
-                                                            out_name)
+                                                            out_name, world)
     else:
         state = fit_baseline(args, data, vocab, cfg)
     train_seconds = time.time() - t0
+    if not world.main:  # torchrun: rank 0 evaluates and writes
+        parallel.close()
+        return
     ckpt = {"config": cfg, "vocab": vocab, "state_dict": state}
     pred = CTRPredictor(ckpt)
     metrics = {"model": args.model, "out_name": out_name}
@@ -529,7 +554,7 @@ def main(argv=None):
     metrics.update(train_seconds=round(train_seconds, 2), load_seconds=round(load_seconds, 2),
                    train_samples_per_s=None if sps is None else round(sps, 1), best_epoch=best_epoch,
                    epochs_run=epochs_run, text_emb=args.text_emb, init_from=args.init_from,
-                   seed=args.seed, config=cfg,
+                   seed=args.seed, config=cfg, nproc=world.size,
                    training={k: getattr(args, k) for k in ("lr", "batch_size", "emb_reg",
                                                             "weight_decay", "patience", "threads")})
     with common.atomic_path(out) as tmp:  # the whole folder appears at once
@@ -548,6 +573,7 @@ def main(argv=None):
     print(f"[train_ctr] {out_name}: valid AUC {metrics['valid']['auc']:.4f}, test AUC "
           f"{metrics['test']['auc']:.4f} logloss {metrics['test']['logloss']:.4f} gAUC "
           f"{metrics['test']['gauc']:.4f} ({train_seconds:.1f}s) -> {out}")
+    parallel.close()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import llm  # noqa: E402
+import parallel  # noqa: E402
 import stage2_reward  # noqa: E402
 
 
@@ -53,7 +54,8 @@ def main():
             bundle.share_prefix = share
             t0 = time.time()
             res = stage2_reward.sample_and_score(bundle, "explainer", samples, items, args, seed=1,
-                                                 desc=f"{'shared' if share else 'plain'} {rep}", popt=popt)
+                                                 desc=f"{'shared' if share else 'plain'} {rep}", popt=popt,
+                                                 world=parallel.World())
             res["timings"]["total"] = time.time() - t0
             times[share].append(res["timings"])
             print(f"rep {rep} share_prefix={share}: " +

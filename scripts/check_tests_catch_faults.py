@@ -15,8 +15,8 @@ from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parents[1])
 FAULTS = [
- ("merged_bf16_generation", "stage2_reward.py", "    with bundle.use(adapter):\n        for b, idx in enumerate(tqdm(batches",
-  "    import contextlib\n    from peft.tuners.lora import LoraLayer\n    @contextlib.contextmanager\n    def merged():\n        if adapter is None:\n            with bundle.use(None):\n                yield\n            return\n        bundle.model.set_adapter(adapter)\n        layers = [m for m in bundle.model.modules() if isinstance(m, LoraLayer)]\n        saved = [m.get_base_layer().weight.data.clone() for m in layers]\n        with torch.no_grad():\n            bundle.model.merge_adapter([adapter])\n        try:\n            yield\n        finally:\n            with torch.no_grad():\n                for m, w in zip(layers, saved):\n                    m.get_base_layer().weight.data.copy_(w)\n                    m.merged_adapters.clear()\n    with merged():\n        for b, idx in enumerate(tqdm(batches",
+ ("merged_bf16_generation", "stage2_reward.py", "    with bundle.use(adapter):\n        for a in range(0, len(prompt_ids), args.gen_batch):",
+  "    import contextlib\n    from peft.tuners.lora import LoraLayer\n    @contextlib.contextmanager\n    def merged():\n        if adapter is None:\n            with bundle.use(None):\n                yield\n            return\n        bundle.model.set_adapter(adapter)\n        layers = [m for m in bundle.model.modules() if isinstance(m, LoraLayer)]\n        saved = [m.get_base_layer().weight.data.clone() for m in layers]\n        with torch.no_grad():\n            bundle.model.merge_adapter([adapter])\n        try:\n            yield\n        finally:\n            with torch.no_grad():\n                for m, w in zip(layers, saved):\n                    m.get_base_layer().weight.data.copy_(w)\n                    m.merged_adapters.clear()\n    with merged():\n        for a in range(0, len(prompt_ids), args.gen_batch):",
   "tests/test_rl_loop.py::test_bf16_sampling_path_logprobs_equal_the_trained_forward tests/test_rl_loop.py::test_bf16_greedy_text_is_the_unmerged_policy_argmax"),
  ("logp_ignores_temperature", "stage2_reward.py", "completion_logprobs_grouped(prompt_ids, completion_ids, batch, temperature)", "completion_logprobs_grouped(prompt_ids, completion_ids, batch)",
   "tests/test_rl_loop.py::test_sampled_token_frequencies_match_stored_logprobs"),
@@ -47,8 +47,8 @@ FAULTS = [
   "tests/test_rl_loop.py::test_early_stopping_means_the_same_in_every_stage"),
  ("warm_start_text_random", "train_ctr.py", "        own[\"text_proj.1.weight\"].zero_()\n        own[\"text_proj.1.bias\"].zero_()\n", "        pass\n",
   "tests/test_train_ctr.py::test_text_emb_and_warm_start"),
- ("ctr_labels_shuffled", "train_ctr.py", "    y = torch.tensor([s[\"label\"] for s in data[\"train\"]], dtype=torch.float32)",
-  "    y = torch.tensor([s[\"label\"] for s in data[\"train\"]], dtype=torch.float32)[torch.randperm(len(data['train']))]",
+ ("ctr_labels_shuffled", "train_ctr.py", "    y = torch.from_numpy(feats[\"train\"].labels)",
+  "    y = torch.from_numpy(np.random.default_rng(0).permutation(feats[\"train\"].labels))",
   "tests/test_train_ctr.py::test_train_and_round_trip"),
  ("prefix_positions_not_offset", "llm.py", "        pos = pmask.sum(1)[:, None] + torch.arange(S, device=self.device)[None]",
   "        pos = pmask.shape[1] + torch.arange(S, device=self.device)[None].expand(len(suffixes), S)",
@@ -91,6 +91,21 @@ FAULTS = [
   "tests/test_sample_store.py::test_gauc_matches_per_user_roc_auc"),
  ("no_history_label_field", "train_ctr.py", "                self.sign(b[\"hlab\"]).sum(1)]", "                self.sign(b[\"hlab\"]).sum(1) * 0]",
   "tests/test_train_ctr.py::test_every_backbone_reads_the_history_labels_and_emb_reg_applies"),
+ ("din_query_part_wrong", "train_ctr.py", "linear(q, wq + wd, first.bias)", "linear(q, wq - wd, first.bias)",
+  "tests/test_train_ctr.py::test_din_attention_by_parts_equals_the_concatenated_unit"),
+ ("din_pads_attended", "train_ctr.py", "squeeze(-1) * (hlab > 0).float()", "squeeze(-1)",
+  "tests/test_train_ctr.py::test_din_attention_by_parts_equals_the_concatenated_unit"),
+ ("ddp_grads_not_reduced", "parallel.py", "        dist.all_reduce(flat)\n        total", "        total",
+  "tests/test_parallel.py::test_sft_is_the_same_update_with_two_processes tests/test_parallel.py::test_ctr_training_is_the_same_update_with_two_processes tests/test_parallel.py::test_ppo_step_is_the_same_update_with_two_processes"),
+ ("ddp_grads_unweighted", "parallel.py", "[torch.tensor([1.0], device=dev)]) * float(n_local)", "[torch.tensor([1.0], device=dev)]) * float(n_local > 0)",
+  "tests/test_parallel.py::test_ctr_training_is_the_same_update_with_two_processes"),
+ ("chunk_seed_per_rank", "stage2_reward.py", "torch.manual_seed(chunk_seed(seed, c))", "torch.manual_seed(chunk_seed(seed, c % 2 + 10 * world.rank))",
+  "tests/test_parallel.py::test_rollouts_and_explanations_are_identical_with_two_processes"),
+ ("chunks_by_rank_count", "stage2_reward.py", "    chunks = [list(range(a, min(len(samples), a + args.gen_batch)))\n              for a in range(0, len(samples), args.gen_batch)]",
+  "    step = -(-len(samples) // world.size)\n    chunks = [list(range(a, min(len(samples), a + step))) for a in range(0, len(samples), step)]",
+  "tests/test_parallel.py::test_rollouts_and_explanations_are_identical_with_two_processes"),
+ ("partial_saved_as_output", "stage2_reward.py", "                common.write_jsonl(part, (", "                common.write_jsonl(paths.explanations(args.tag, split), (",
+  "tests/test_parallel.py::test_a_killed_rank_stops_the_job_and_leaves_no_partial_output"),
 ]
 only = sys.argv[1:]
 bad = 0

@@ -5,8 +5,9 @@
 #      against the float64 reference and the torch twin (plus every CPU kernel test)
 #   2. python -m kernels.bench --device cuda (fp32, bf16): naive vs row loop vs ours, peak
 #      torch.cuda.max_memory_allocated and time
-#   3. a 2-GPU torchrun smoke where 2 GPUs exist: NOT AVAILABLE YET (the stages are single-process;
-#      the check says so and goes on)
+#   3. a torchrun smoke: with 2+ GPUs, ./run.sh --preset smoke --nproc 2 (NCCL, one GPU per
+#      process); with one GPU it says so and goes on; the dry run launches train_ctr.py on 2 CPU
+#      processes (gloo) on the smoke run's data
 #   4. ./run.sh --preset gpu-check: the paper preset cut to ~10 minutes (presets/gpu-check.toml)
 # and writes every figure, with the GPU's name, to docs/results-gpu.md.
 #
@@ -64,8 +65,20 @@ else
   part "kernel bench bf16" "$LOG/bench_bf16.txt" "$PY" -m kernels.bench --device cuda --dtype bfloat16
 fi
 # ---- 3. torchrun smoke -----------------------------------------------------------------------
-TORCHRUN="not run: the stages do not run under torchrun yet (single process; see the README)"
-[ "$NGPU" -ge 2 ] || TORCHRUN="not run: fewer than 2 GPUs ($NGPU), and the stages are single-process"
+TR=("$PY" -m torch.distributed.run --standalone --nproc-per-node 2)
+if [ "$DRY" = 1 ]; then  # gloo: needs the smoke run's data (made by part 4 on a fresh folder)
+  [ -f "$RUNS_DIR/smoke/data/meta.json" ] || ./run.sh --preset smoke --runs-dir "$RUNS_DIR" > "$LOG/run.txt" 2>&1 \
+    || fail "run.sh --preset smoke" "$LOG/run.txt"
+  part "torchrun smoke" "$LOG/torchrun.txt" "${TR[@]}" train_ctr.py --run-dir "$RUNS_DIR/smoke" \
+       --model din --epochs 1 --out-name torchrun_check --force
+  rm -rf "$RUNS_DIR/smoke/ctr/torchrun_check"   # a check, not part of the run
+  TORCHRUN="passed: 2 CPU processes (gloo), train_ctr.py on the smoke run's data ($(grep -c 'epoch 1' "$LOG/torchrun.txt" || true) epoch line logged, by rank 0)"
+elif [ "$NGPU" -ge 2 ]; then
+  part "torchrun smoke" "$LOG/torchrun.txt" ./run.sh --preset smoke --nproc 2 --runs-dir "$RUNS_DIR/torchrun"
+  TORCHRUN="passed: ./run.sh --preset smoke --nproc 2 on 2 GPUs (NCCL), $(tail -n 1 "$LOG/torchrun.txt")"
+else
+  TORCHRUN="not run: one GPU (./run.sh --nproc 2 needs 2; tests/test_parallel.py covers gloo on CPU)"
+fi
 echo "[gpu_check] torchrun smoke: $TORCHRUN"
 # ---- 4. the paper preset, cut ------------------------------------------------------------------
 PRESET=$([ "$DRY" = 1 ] && echo smoke || echo gpu-check)

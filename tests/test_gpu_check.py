@@ -21,7 +21,7 @@ def test_gpu_check_cpu_dry_run_writes_the_report(smoke_run_dir, tmp_path):
     text = out.read_text()
     assert text.startswith("# GPU check (CPU dry run)") and "Device: **cpu**" in text
     for part in ("## 1. Kernel tests", "passed", "## 2. Kernel benchmark", "## 3. torchrun smoke",
-                 "not run", "## 4. `./run.sh --preset smoke`", "| evaluate |"):
+                 "passed: 2 CPU processes (gloo)", "## 4. `./run.sh --preset smoke`", "| evaluate |"):
         assert part in text, part
     assert "[gpu_check] all parts passed" in r.stdout
 

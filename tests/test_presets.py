@@ -64,3 +64,20 @@ def test_preset_files_drive_run_sh(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "run.sh"), "--preset", "nope", "--runs-dir", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "presets/nope.toml" in r.stderr
+
+
+def test_run_sh_nproc_launches_the_training_stages_under_torchrun(tmp_path):
+    """--nproc N: each of the four training stages is started by torchrun (TR), data_prep and
+    evaluate as one process; a bad N is a one-line error before any work."""
+    text = (ROOT / "run.sh").read_text()
+    assert 'TR=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC")' in text
+    for script in ("train_ctr", "stage1_sft", "stage2_reward", "stage3_rl"):
+        calls = [l for l in text.splitlines() if f" {script}.py " in l and not l.startswith("#")]
+        assert calls and all('"${TR[@]}" ' + script in l for l in calls), (script, calls)
+    for script in ("data_prep", "evaluate"):
+        assert f'"$PY" {script}.py' in text
+    r = subprocess.run(["bash", str(ROOT / "run.sh"), "--preset", "smoke", "--nproc", "two",
+                        "--runs-dir", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == ("error: --nproc two: expected a whole "
+                                                      "number >= 1")
+    assert not any(tmp_path.iterdir())

@@ -53,7 +53,7 @@ def test_bf16_sampling_path_logprobs_equal_the_trained_forward(bf16_bundle):
     prompts = prompts_of(b, 16)
     args = argparse.Namespace(gen_batch=8, temperature=0.8, max_new_tokens=12, save_every=100)
     torch.manual_seed(0)
-    comps, gen_lp = stage2_reward.generate_all(b, "explainer", prompts, args, False, "t")
+    comps, gen_lp = stage2_reward.generate(b, "explainer", prompts, args, False)
     with torch.no_grad(), b.use("explainer"):
         full = b.completion_logprobs(prompts, comps, temperature=0.8)  # what PPO computes
     with torch.no_grad(), b.use(None):
@@ -74,7 +74,7 @@ def test_bf16_greedy_text_is_the_unmerged_policy_argmax(bf16_bundle):
     try:
         prompts = prompts_of(b, 8)
         args = argparse.Namespace(gen_batch=8, temperature=1.0, max_new_tokens=10, save_every=100)
-        comps = stage2_reward.generate_all(b, "explainer", prompts, args, True, "t")
+        comps = stage2_reward.generate(b, "explainer", prompts, args, True)
         head = b.base.get_output_embeddings()
         worst = 0.0
         with torch.no_grad():
@@ -109,7 +109,7 @@ def test_sampled_token_frequencies_match_stored_logprobs():
     T, n, batch = 0.7, 6000, 1000
     args = argparse.Namespace(gen_batch=batch, temperature=T, max_new_tokens=1, save_every=10**6)
     torch.manual_seed(0)
-    comps, _ = stage2_reward.generate_all(b, "explainer", [prompt] * n, args, False, "t")
+    comps, _ = stage2_reward.generate(b, "explainer", [prompt] * n, args, False)
     counts = np.bincount([c[0] for c in comps], minlength=len(b.tok))
     V = b.base.get_output_embeddings().weight.shape[0]
     every = [[t] for t in range(V)]

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import common
 import kernels
+import parallel
 from assets import DEFAULT_MODEL, model_folder
 from common import ExpCTRError
 
@@ -78,7 +79,7 @@ class LLM:
         if threads:
             torch.set_num_threads(threads)
         self.name = name
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = parallel.resolve(device)
         self.dtype = pick_dtype(dtype, self.device)
         folder = model_folder(name)
         try:

@@ -32,6 +32,11 @@ from tqdm import tqdm
 TIMEOUT_S = float(os.environ.get("EXPCTR_DIST_TIMEOUT", "600"))
 
 
+def resolve(device: str | None) -> str:
+    """A stage's --device (None = auto: cuda when there is one); llm.LLM places its model so."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class World:
     """This process's place among the N of a torchrun job (N = 1 without torchrun)."""
 
@@ -44,7 +49,7 @@ class World:
 
     def device(self, device: str | None) -> str | None:
         """The device of this rank: cuda -> cuda:<local rank> under torchrun."""
-        if self.size > 1 and (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda":
+        if self.size > 1 and resolve(device) == "cuda":
             return f"cuda:{self.local_rank}"
         return device
 
@@ -167,7 +172,7 @@ def init(device: str | None = None) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size > 1 and not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        cuda = resolve(device).startswith("cuda")
         if cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if cuda else "gloo",

@@ -46,6 +46,7 @@ seeded by its index: the files of N processes are those of one process.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
@@ -120,10 +121,16 @@ def lc_reward(bundle: llm.LLM, prompts: list[str], expls: list[str], labels: lis
     return np.where(np.asarray(labels) == 1, lp[:, 0], lp[:, 1]).astype(np.float64)
 
 
+@functools.lru_cache(maxsize=1)
+def aug_model(aug_dir: str):
+    """The ExpCTR-Aug checkpoint, loaded once per process (ic_reward runs once per chunk)."""
+    import train_ctr
+    return train_ctr.load_checkpoint(aug_dir)
+
+
 def ic_reward(aug_dir: str, samples: list[dict], emb: np.ndarray) -> np.ndarray:
     """r_IC = log p_aug(true label | ID features, explanation embedding) (ExpCTR-Aug)."""
-    import train_ctr
-    pred = train_ctr.load_checkpoint(aug_dir)
+    pred = aug_model(aug_dir)
     if getattr(pred, "text_dim", None) != emb.shape[1]:
         raise ExpCTRError(f"--aug {aug_dir} expects text embeddings of size "
                           f"{getattr(pred, 'text_dim', None)}, the explanations give {emb.shape[1]}: "

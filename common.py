@@ -291,10 +291,12 @@ def describe_item(item: dict | None, iid: str) -> str:
     return item["title"] + (f" ({'; '.join(extra)})" if extra else "")
 
 
-def genre_profile(ids: list[str], items: dict[str, dict]) -> str:
-    """'Comedy (3), Drama (2)': genre counts over the items, most frequent first."""
+def genre_profile(ids: list[str], items: dict[str, dict], keep: set[str] | None = None) -> str:
+    """'Comedy (3), Drama (2)': genre counts over the items, most frequent first (only the
+    genres in `keep`, if given)."""
     from collections import Counter
-    c = Counter(g for i in ids for g in (items.get(i) or {}).get("genres", []))
+    c = Counter(g for i in ids for g in (items.get(i) or {}).get("genres", [])
+                if keep is None or g in keep)
     return ", ".join(f"{g} ({n})" for g, n in sorted(c.items(), key=lambda x: (-x[1], x[0]))) or "none"
 
 
@@ -327,11 +329,15 @@ def build_prompt(sample: dict, items: dict[str, dict], style: str = "items",
             + QUESTIONS[question].format(title=target_name))
 
 
-def history_lines(sample: dict, items: dict[str, dict], style: str = "items") -> str:
-    """The prompt's first two lines: 'The user liked: ....\nThe user disliked: ....'."""
+def history_lines(sample: dict, items: dict[str, dict], style: str = "items",
+                  keep: set[str] | None = None) -> str:
+    """The prompt's first two lines: 'The user liked: ....\nThe user disliked: ....'. keep
+    (style "genres" only): count only these genres (a partial profile statement)."""
     liked, disliked = split_history(sample)
+    if keep is not None and style != "genres":
+        raise ExpCTRError(f"a partial profile needs prompt style 'genres', not {style!r}")
     if style == "genres":
-        fmt = lambda ids: genre_profile(ids, items)
+        fmt = lambda ids: genre_profile(ids, items, keep)
     elif style == "items":
         fmt = lambda ids: "; ".join(describe_item(items.get(i), i) for i in ids) or "none"
     else:

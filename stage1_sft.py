@@ -84,6 +84,12 @@ def parse_args(argv=None):
                         "which the untuned explainer seldom writes, so that r_LC can credit them "
                         "when PPO finds them; valid also logs valid_auc_profile_echo (the most an "
                         "explanation restating the history gives this scorer)")
+    p.add_argument("--echo-subsets", type=float, default=0.0,
+                   help="share of the --profile-echo texts that state a part of the profile only: "
+                        "the counts of a random non-empty proper subset of the catalogue's genres, "
+                        "drawn per sample without the label [ours; prompt style genres]: teaches "
+                        "the scorer to read a statement about one or two genres, so that r_LC can "
+                        "tell which genre an explanation names (scripts/reward_templates.py)")
     p.add_argument("--select-on", choices=("with_expl", "last"), default="with_expl",
                    help="which epoch's adapter is kept: the best valid AUC with explanations "
                         "(early stopping, --patience), or the last epoch")
@@ -161,18 +167,31 @@ def lower_states_chunked(world, bundle: llm.LLM, seqs, n_top: int, batch: int, d
     return out
 
 
-def profile_echo(sample: dict, items: dict, popt: dict) -> str:
+def profile_echo(sample: dict, items: dict, popt: dict, keep: set[str] | None = None) -> str:
     """[ours] The --profile-echo text: the user's liked / disliked history as the prompt shows it,
-    in the explanation's place (no label, no target verdict)."""
-    return common.history_lines(sample, items, popt["style"]).replace("\n", " ")
+    in the explanation's place (no label, no target verdict); keep: only these genres' counts."""
+    return common.history_lines(sample, items, popt["style"], keep).replace("\n", " ")
 
 
-def train_texts(rows, ex, items, popt, u, dropout: float, echo: float) -> list[str | None]:
+def genre_subsets(n: int, genres: list[str], share: float, seed: int) -> list[set[str] | None]:
+    """[ours] --echo-subsets: per sample, None (the whole profile) or, with probability `share`,
+    a random non-empty proper subset of the catalogue's genres (size uniform in 1..G-1). Drawn
+    from its own stream, so share 0 leaves every other draw of SFT as it was."""
+    if share <= 0 or len(genres) < 2:
+        return [None] * n
+    rng = np.random.default_rng([seed, 5])
+    return [set(rng.choice(genres, rng.integers(1, len(genres)), replace=False).tolist())
+            if rng.random() < share else None for _ in range(n)]
+
+
+def train_texts(rows, ex, items, popt, u, dropout: float, echo: float,
+                keep: list | None = None) -> list[str | None]:
     """What each training sample shows the scorer beside its prompt, from one uniform draw u[i]
     per sample: nothing (u < dropout: explanation dropout), the profile echo (u < dropout +
-    echo), else the explainer's explanation."""
-    return [None if x < dropout else profile_echo(r, items, popt) if x < dropout + echo
-            else e["explanation"] for r, e, x in zip(rows, ex, u)]
+    echo; keep[i]: only those genres, genre_subsets), else the explainer's explanation."""
+    keep = keep or [None] * len(rows)
+    return [None if x < dropout else profile_echo(r, items, popt, k) if x < dropout + echo
+            else e["explanation"] for r, e, x, k in zip(rows, ex, u, keep)]
 
 
 # ---- plumbing: inputs ---------------------------------------------------------------------
@@ -230,8 +249,13 @@ def train(args, paths: RunPaths, model: str, world):
         torch.manual_seed(args.seed * 1000 + world.rank)
     # [ours] explanation dropout drawn once: a sample is seen with or without its explanation in
     # every epoch, so that its frozen lower-layer states can be computed once (--lora-layers)
+    if args.echo_subsets and popt["style"] != "genres":
+        raise ExpCTRError(f"--echo-subsets needs prompt style 'genres' (data_prep.py --prompt-style), "
+                          f"not {popt['style']!r}")
+    keep = genre_subsets(len(tr_rows), sorted({g for it in items.values() for g in it.get("genres", [])}),
+                         args.echo_subsets, args.seed)
     tr_text = train_texts(tr_rows, tr_ex, items, popt, rng.random(len(tr_rows)),
-                          args.expl_dropout, args.profile_echo)
+                          args.expl_dropout, args.profile_echo, keep)
     tr_seqs = [bundle.scorer_ids(common.build_prompt(r, items, **popt), x, common.target_text(r, items))
                for r, x in zip(tr_rows, tr_text)]
     tr_labels = torch.tensor([r["label"] for r in tr_rows], device=bundle.device)
@@ -332,7 +356,7 @@ def train(args, paths: RunPaths, model: str, world):
     metrics = {"valid_auc_with_expl": best_row["valid_auc_with_expl"],
                "valid_auc_no_expl": best_row["valid_auc_no_expl"], "best_epoch": best_row["epoch"],
                "valid_auc_profile_echo": best_row.get("valid_auc_profile_echo"),
-               "profile_echo": args.profile_echo,
+               "profile_echo": args.profile_echo, "echo_subsets": args.echo_subsets,
                "epochs_run": len(history), "n_train": len(tr_rows), "n_valid": len(va_rows),
                "expl_tag": args.expl_tag, "expl_dropout": args.expl_dropout, "lr": args.lr,
                "lora": {"r": args.lora_r, "targets": list(targets), "top_layers": args.lora_layers},

@@ -25,7 +25,9 @@ Dispatch (one contract, three implementations)
                lm_head, e.g. LoRA) it computes the hidden gradient's per-row vectors during the
                forward pass ("eager", one extra GEMM there, backward is a multiply); otherwise
                backward recomputes the tiles.
-    "triton" : kernels/triton_impl.py, Triton forward/backward kernels (recompute in backward).
+    "triton" : kernels/triton_impl.py, Triton forward/backward kernels (recompute in backward);
+               on CUDA its block sizes come from a small autotune per (V, H, dtype, N) and each
+               dtype takes a named precision path (triton_impl.precision_path).
                On CPU tensors it only runs under TRITON_INTERPRET=1 set before triton is imported
                (the tests do that in a subprocess). triton is imported lazily: `import kernels`
                never needs it. No GPU was available here: it is tested under the interpreter only.

@@ -258,6 +258,24 @@ def main(argv=None):
           f"timed runs; MiB = extra peak memory beyond the inputs)")
     for line in verdicts:
         print(line)
+    print_tuned()
+
+
+def print_tuned():
+    """On CUDA: the block sizes kernels.triton_impl.tune() chose for each shape it met."""
+    ti = sys.modules.get("kernels.triton_impl")
+    if ti is None or not ti._TUNED:
+        return
+    print("\nautotune (kernels.triton_impl.tune: fastest of CONFIGS, forward + grad_hidden backward "
+          "timed on the call's inputs)\n| V | H | dtype | N bucket | entropy | grad_W | chosen "
+          "block_n/block_v/block_h/warps | best ms | slowest ms | CONFIG (untuned) ms |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+    default = ti._cfg_id(ti.CONFIG)
+    for (v, h, dt, nb, _, ent, gw, _), (cfg, times) in ti._TUNED.items():
+        t_def = times.get(default)
+        print(f"| {v} | {h} | {dt.replace('torch.', '')} | {nb} | {ent} | {gw} | {cfg['block_n']}/"
+              f"{cfg['block_v']}/{cfg['block_h']}/{cfg['num_warps']} | {min(times.values()) * 1e3:.3f} "
+              f"| {max(times.values()) * 1e3:.3f} | {'-' if t_def is None else f'{t_def * 1e3:.3f}'} |")
 
 
 if __name__ == "__main__":

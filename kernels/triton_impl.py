@@ -25,8 +25,24 @@ dtype for its two dots (as Liger-Kernel does). Under TRITON_INTERPRET=1, bf16 op
 to fp32 before tl.dot because the interpreter multiplies raw bf16 bit patterns
 (triton-lang/triton#11584, "we just don't support it yet").
 
+Precision paths (precision_path(); the name is kept in LAST_PATH for the tests and the GPU check):
+  "fp32-ieee"         fp32 inputs: ieee dots (no TF32), fp32 dlogits in the backward dots
+  "bf16-tensorcore"   bf16 / fp16 inputs on CUDA: tensor-core dots of the input dtype with fp32
+                      accumulation; the backward rounds the fp32 dlogits to the input dtype for
+                      its two dots; grad_hidden / grad_W accumulate in fp32, returned in the input
+                      dtype. Only a GPU runs it (scripts/gpu_check.sh part 1).
+  "bf16-interpreter"  bf16 under TRITON_INTERPRET=1: operands upcast to fp32 first (below)
+Any other dtype is a ValueError.
+
+Block sizes (tune()): on CUDA the first call for a (V, H, dtype, N bucket, grads) key times
+each of CONFIGS that fits the shape on the real inputs (forward + the grad_hidden backward,
+triton.testing.do_bench) and keeps the fastest for the process; EXPCTR_TRITON_AUTOTUNE=0 uses
+CONFIG. The candidates are sized for the heads of the supported models (SmolLM2-135M: V 49,152,
+H 576; Qwen2.5-1.5B: V 151,936, H 1,536). Explicit block overrides skip the tuning (tests).
+Under the interpreter, CONFIG is used unless a timer is passed to tune() (tests).
+
 Untested on a GPU in this repository (no GPU was available): tests/test_kernels.py runs these
-kernels under the interpreter on tiny shapes. The CUDA block sizes in CONFIG are untuned guesses.
+kernels, every candidate config and the tuner's selection under the interpreter.
 """
 from __future__ import annotations
 
@@ -42,6 +58,14 @@ INTERPRET = bool(getattr(getattr(triton, "knobs", None), "runtime", None)
 
 CONFIG = dict(block_n=64, block_v=128, block_h=64, num_warps=8,
               programs=None)   # programs: target grid size for split heuristics (None: 4 x SMs)
+# [ours] the tuner's candidates (block_n, block_v, block_h, num_warps): tensor-core tiles of
+# 32..128 rows x 64..256 vocabulary columns x 32..128 of H (576 = 9 x 64: block_h 128 runs a
+# masked last K tile there; 1,536 = 12 x 128); every dim >= 16, as tl.dot needs
+CONFIGS = [dict(block_n=bn, block_v=bv, block_h=bh, num_warps=nw) for bn, bv, bh, nw in (
+    (64, 128, 64, 8), (64, 128, 64, 4), (128, 128, 64, 8), (64, 256, 64, 8),
+    (32, 128, 64, 4), (128, 64, 64, 4), (64, 128, 128, 8), (128, 256, 32, 8))]
+LAST_PATH = None     # the precision path of the latest launch (precision_path())
+_TUNED: dict = {}    # tune() cache: key -> (config, {_cfg_id(candidate): seconds})
 
 
 # ---- algorithm: shared tile helpers ----
@@ -266,9 +290,102 @@ def _split(total, block, other_blocks, target, forced):
     return per, triton.cdiv(total, per)
 
 
+def precision_path(dtype: torch.dtype, interpret: bool = INTERPRET) -> tuple[str, dict]:
+    """The kernels' precision path for an input dtype (module docstring) -> (name, constexpr
+    flags): DOT_F32 upcasts the dot operands to fp32 (dlogits stay fp32), IEEE asks for full
+    fp32 products (no TF32)."""
+    if dtype == torch.float32:
+        return "fp32-ieee", dict(DOT_F32=False, IEEE=True)
+    if dtype in (torch.bfloat16, torch.float16):
+        if interpret:   # the interpreter multiplies raw bf16 bit patterns (triton#11584)
+            return "bf16-interpreter", dict(DOT_F32=True, IEEE=False)
+        return "bf16-tensorcore", dict(DOT_F32=False, IEEE=False)
+    raise ValueError(f"kernels: the triton kernels take float32, bfloat16 or float16 inputs, "
+                     f"not {dtype}")
+
+
 def _flags(hidden):
-    dt = hidden.dtype
-    return dict(DOT_F32=bool(INTERPRET and dt in (torch.bfloat16,)), IEEE=dt == torch.float32)
+    global LAST_PATH
+    LAST_PATH, flags = precision_path(hidden.dtype)
+    return flags
+
+
+def _launch_fwd(hidden, weight, bias, tk, inv_t, entropy, cfg):
+    """The forward kernel over its grid -> per-split partial stats [4, splits, N]."""
+    n, hdim = hidden.shape
+    v = weight.shape[0]
+    bn, bv, bh = cfg["block_n"], cfg["block_v"], cfg["block_h"]
+    n_blocks = triton.cdiv(max(n, 1), bn)
+    v_per, splits = _split(v, bv, n_blocks, _target_programs(cfg, hidden.device),
+                           cfg.get("v_splits"))
+    stats = torch.empty(4, splits, n, device=hidden.device, dtype=torch.float32)
+    if n:
+        _fwd_kernel[(n_blocks, splits)](
+            hidden, weight, bias if bias is not None else weight, tk, stats, n, v, hdim,
+            hidden.stride(0), weight.stride(0), inv_t, v_per, HAS_BIAS=bias is not None,
+            ENTROPY=bool(entropy), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
+            num_warps=cfg["num_warps"], **_flags(hidden))
+    return stats
+
+
+def _launch_dh(hidden, weight, bias, tk, lse, s_arg, g, ge, inv_t, entropy, cfg):
+    """grad_hidden (fp32 [N, H]) from the recomputed tiles."""
+    n, hdim = hidden.shape
+    v = weight.shape[0]
+    bn, bv = cfg["block_n"], cfg["block_v"]
+    gh = torch.zeros(n, hdim, device=hidden.device, dtype=torch.float32)
+    n_blocks = triton.cdiv(max(n, 1), bn)
+    v_per, splits = _split(v, bv, n_blocks, _target_programs(cfg, hidden.device),
+                           cfg.get("v_splits"))
+    if n:
+        _bwd_dh_kernel[(n_blocks, splits)](
+            hidden, weight, bias if bias is not None else weight, tk, lse, s_arg, g, ge, gh, n, v,
+            hdim, hidden.stride(0), weight.stride(0), gh.stride(0), inv_t, v_per,
+            ATOMIC=splits > 1, **_common(hidden, bias, entropy, cfg))
+    return gh
+
+
+def _launch_dw(hidden, weight, bias, tk, lse, s_arg, g, ge, inv_t, entropy, cfg, need_w, need_b):
+    """grad_W (fp32 [V, H], or [1, H] unused) and grad_b (fp32 [V], or [1] unused)."""
+    n, hdim = hidden.shape
+    v = weight.shape[0]
+    bn, bv = cfg["block_n"], cfg["block_v"]
+    gw32 = torch.zeros(v if need_w else 1, hdim, device=hidden.device, dtype=torch.float32)
+    gb32 = torch.zeros(v if need_b else 1, device=hidden.device, dtype=torch.float32)
+    v_blocks = triton.cdiv(v, bv)
+    n_per, splits = _split(max(n, 1), bn, v_blocks, _target_programs(cfg, hidden.device),
+                           cfg.get("n_splits"))
+    if n:
+        _bwd_dw_kernel[(v_blocks, splits)](
+            hidden, weight, bias if bias is not None else weight, tk, lse, s_arg, g, ge, gw32,
+            gb32, n, v, hdim, hidden.stride(0), weight.stride(0), gw32.stride(0), inv_t, n_per,
+            NEED_W=bool(need_w), NEED_B=bool(need_b), ATOMIC=splits > 1,
+            **_common(hidden, bias, entropy, cfg))
+    return gw32, gb32
+
+
+def _common(hidden, bias, entropy, cfg):
+    return dict(HAS_BIAS=bias is not None, ENTROPY=bool(entropy), BLOCK_N=cfg["block_n"],
+                BLOCK_V=cfg["block_v"], BLOCK_H=cfg["block_h"], num_warps=cfg["num_warps"],
+                **_flags(hidden))
+
+
+def _merge(stats, valid, entropy):
+    """Merge the vocabulary splits (tiny: [splits, N]) -> logp, entropy, lse, S."""
+    m, s, sd, zt = stats.unbind(0)
+    big_m = m.amax(0)
+    wk = torch.exp(m - big_m)
+    s_tot = (wk * s).sum(0)
+    log_s = torch.log(s_tot)
+    lse = big_m + log_s
+    logp = torch.where(valid, zt.sum(0) - lse, 0.0)
+    ent = big_s = None
+    if entropy:
+        sd_tot = (wk * (sd + (m - big_m) * s)).sum(0)
+        ent_all = log_s - sd_tot / s_tot
+        big_s = lse - ent_all
+        ent = torch.where(valid, ent_all, 0.0)
+    return logp, ent, lse, big_s
 
 
 class SelectedLogprobs(torch.autograd.Function):
@@ -277,37 +394,11 @@ class SelectedLogprobs(torch.autograd.Function):
         if hidden.device.type != "cuda" and not INTERPRET:
             raise RuntimeError("kernels: the triton implementation needs CUDA tensors, or "
                                "TRITON_INTERPRET=1 set before triton is imported (CPU interpreter)")
-        n, hdim = hidden.shape
-        v = weight.shape[0]
         inv_t = 1.0 / float(temperature)
         valid = targets != ignore_index
         tk = torch.where(valid, targets, -1).contiguous()
-        bn, bv, bh = cfg["block_n"], cfg["block_v"], cfg["block_h"]
-        n_blocks = triton.cdiv(max(n, 1), bn)
-        v_per, splits = _split(v, bv, n_blocks, _target_programs(cfg, hidden.device),
-                               cfg.get("v_splits"))
-        stats = torch.empty(4, splits, n, device=hidden.device, dtype=torch.float32)
-        flags = _flags(hidden)
-        b_arg = bias if bias is not None else weight
-        if n:
-            _fwd_kernel[(n_blocks, splits)](
-                hidden, weight, b_arg, tk, stats, n, v, hdim, hidden.stride(0), weight.stride(0),
-                inv_t, v_per, HAS_BIAS=bias is not None, ENTROPY=bool(entropy), BLOCK_N=bn,
-                BLOCK_V=bv, BLOCK_H=bh, num_warps=cfg["num_warps"], **flags)
-        # merge the vocabulary splits (tiny: [splits, N])
-        m, s, sd, zt = stats.unbind(0)
-        big_m = m.amax(0)
-        wk = torch.exp(m - big_m)
-        s_tot = (wk * s).sum(0)
-        log_s = torch.log(s_tot)
-        lse = big_m + log_s
-        logp = torch.where(valid, zt.sum(0) - lse, 0.0)
-        ent = big_s = None
-        if entropy:
-            sd_tot = (wk * (sd + (m - big_m) * s)).sum(0)
-            ent_all = log_s - sd_tot / s_tot
-            big_s = lse - ent_all
-            ent = torch.where(valid, ent_all, 0.0)
+        stats = _launch_fwd(hidden, weight, bias, tk, inv_t, entropy, cfg)
+        logp, ent, lse, big_s = _merge(stats, valid, entropy)
         ctx.save_for_backward(hidden, weight, bias, tk, valid, lse, big_s)
         ctx.cfg = (cfg, inv_t)
         if entropy:
@@ -323,52 +414,104 @@ class SelectedLogprobs(torch.autograd.Function):
         cfg, inv_t = ctx.cfg
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
-        n, hdim = hidden.shape
-        v = weight.shape[0]
         g = (torch.where(valid, g_logp.float(), 0.0) if g_logp is not None
              else torch.zeros_like(lse)).contiguous()
         entropy = big_s is not None and g_ent is not None and g_ent.numel() > 0
         ge = torch.where(valid, g_ent.float(), 0.0).contiguous() if entropy else g
         s_arg = big_s if entropy else lse
-        bn, bv, bh = cfg["block_n"], cfg["block_v"], cfg["block_h"]
-        flags = _flags(hidden)
-        b_arg = bias if bias is not None else weight
-        target = _target_programs(cfg, hidden.device)
-        common = dict(HAS_BIAS=bias is not None, ENTROPY=entropy, BLOCK_N=bn, BLOCK_V=bv,
-                      BLOCK_H=bh, num_warps=cfg["num_warps"], **flags)
         gh = gw = gb = None
         if need_h:
-            gh = torch.zeros(n, hdim, device=hidden.device, dtype=torch.float32)
-            n_blocks = triton.cdiv(max(n, 1), bn)
-            v_per, splits = _split(v, bv, n_blocks, target, cfg.get("v_splits"))
-            if n:
-                _bwd_dh_kernel[(n_blocks, splits)](
-                    hidden, weight, b_arg, tk, lse, s_arg, g, ge, gh, n, v, hdim,
-                    hidden.stride(0), weight.stride(0), gh.stride(0), inv_t, v_per,
-                    ATOMIC=splits > 1, **common)
-            gh = gh.to(hidden.dtype)
+            gh = _launch_dh(hidden, weight, bias, tk, lse, s_arg, g, ge, inv_t, entropy,
+                            cfg).to(hidden.dtype)
         if need_w or need_b:
-            gw32 = torch.zeros(v if need_w else 1, hdim, device=hidden.device, dtype=torch.float32)
-            gb32 = torch.zeros(v if need_b else 1, device=hidden.device, dtype=torch.float32)
-            v_blocks = triton.cdiv(v, bv)
-            n_per, splits = _split(max(n, 1), bn, v_blocks, target, cfg.get("n_splits"))
-            if n:
-                _bwd_dw_kernel[(v_blocks, splits)](
-                    hidden, weight, b_arg, tk, lse, s_arg, g, ge, gw32, gb32, n, v, hdim,
-                    hidden.stride(0), weight.stride(0), gw32.stride(0), inv_t, n_per,
-                    NEED_W=bool(need_w), NEED_B=bool(need_b), ATOMIC=splits > 1, **common)
+            gw32, gb32 = _launch_dw(hidden, weight, bias, tk, lse, s_arg, g, ge, inv_t, entropy,
+                                    cfg, need_w, need_b)
             gw = gw32.to(weight.dtype) if need_w else None
             gb = gb32.to(bias.dtype) if need_b else None
         return gh, gw, gb, None, None, None, None, None
+
+
+# ---- plumbing: block sizes by a small autotune (CUDA) ----
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _bench(fn) -> float:
+    """Seconds per call on CUDA (triton.testing.do_bench: warm-up, then the mean of timed runs)."""
+    return triton.testing.do_bench(fn, warmup=5, rep=25) / 1e3
+
+
+def _cfg_id(c: dict) -> tuple:
+    """(block_n, block_v, block_h, num_warps): how the tuner's timings name a config."""
+    return c["block_n"], c["block_v"], c["block_h"], c["num_warps"]
+
+
+def tune_key(hidden, weight, bias, entropy, need_w) -> tuple:
+    """What a tuned choice is kept for: the head's V and H, dtype, N rounded up to a power of 2
+    (at most 65,536), bias, entropy and grad_W (they change the kernels' work), device."""
+    return (weight.shape[0], hidden.shape[1], str(hidden.dtype), min(_pow2(hidden.shape[0]), 1 << 16),
+            bias is not None, bool(entropy), bool(need_w), str(hidden.device))
+
+
+def tune(hidden, weight, bias, targets, *, temperature=1.0, entropy=False, need_w=False,
+         configs=None, timer=None) -> dict:
+    """[ours] The fastest of `configs` (default CONFIGS, those whose tiles fit the shape) for
+    this call's shapes, timed on its own inputs: the forward, then the grad_hidden backward with
+    unit upstream gradients (and grad_W if the head trains). Cached per tune_key for the process.
+    timer(fn) -> seconds (default: do_bench on CUDA; tests pass a fake one under the interpreter)."""
+    key = tune_key(hidden, weight, bias, entropy, need_w)
+    if key in _TUNED:
+        return _TUNED[key][0]
+    n, hdim = hidden.shape
+    v = weight.shape[0]
+    cands = [c for c in (configs or CONFIGS) if c["block_v"] <= _pow2(v) and
+             c["block_h"] <= _pow2(hdim) and c["block_n"] <= max(16, _pow2(n))] or [CONFIG]
+    inv_t = 1.0 / float(temperature)
+    tk = targets.contiguous()
+    valid = tk >= 0
+    ones = torch.ones(n, device=hidden.device, dtype=torch.float32)
+    times = []
+    for c in cands:
+        cfg = _cfg(c)
+
+        def run(cfg=cfg):
+            _, _, lse, big_s = _merge(_launch_fwd(hidden, weight, bias, tk, inv_t, entropy, cfg),
+                                      valid, entropy)
+            s_arg = big_s if entropy else lse
+            _launch_dh(hidden, weight, bias, tk, lse, s_arg, ones, ones, inv_t, entropy, cfg)
+            if need_w:
+                _launch_dw(hidden, weight, bias, tk, lse, s_arg, ones, ones, inv_t, entropy, cfg,
+                           True, bias is not None)
+        times.append(float((timer or _bench)(run)))
+    best = min(range(len(cands)), key=times.__getitem__)
+    _TUNED[key] = (dict(cands[best]), {_cfg_id(c): t for c, t in zip(cands, times)})
+    return _TUNED[key][0]
+
+
+def use_tuner(device_type: str, overrides: dict) -> bool:
+    """Tune the blocks for this call? On CUDA (not the interpreter), with the tuner on
+    (EXPCTR_TRITON_AUTOTUNE != 0) and no block size given by the caller."""
+    return (device_type == "cuda" and not INTERPRET
+            and os.environ.get("EXPCTR_TRITON_AUTOTUNE", "1") != "0"
+            and all(overrides.get(k) is None for k in ("block_n", "block_v", "block_h", "num_warps")))
 
 
 def selected_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                       return_entropy=False, **overrides):
     """2-D contiguous inputs (kernels/__init__.py flattens and validates). `overrides` may set
     block_n / block_v / block_h / num_warps / programs / v_splits / n_splits (tests use tiny
-    blocks and forced splits so the interpreter covers the split-merge and atomic paths)."""
+    blocks and forced splits so the interpreter covers the split-merge and atomic paths). Without
+    block overrides, on CUDA, the block sizes come from tune() (EXPCTR_TRITON_AUTOTUNE=0: CONFIG)."""
+    hidden, weight = hidden.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    logp, ent = SelectedLogprobs.apply(hidden.contiguous(), weight.contiguous(), bias, targets,
+    precision_path(hidden.dtype)   # an unsupported dtype is a clear error before any launch
+    if use_tuner(hidden.device.type, overrides):
+        with torch.no_grad():
+            tk = torch.where(targets != ignore_index, targets, -1)
+            overrides = dict(overrides, **tune(hidden, weight, bias, tk, temperature=temperature,
+                                               entropy=return_entropy,
+                                               need_w=weight.requires_grad and torch.is_grad_enabled()))
+    logp, ent = SelectedLogprobs.apply(hidden, weight, bias, targets,
                                        temperature, ignore_index, bool(return_entropy),
                                        _cfg(overrides))
     return (logp, ent) if return_entropy else logp

@@ -106,6 +106,18 @@ FAULTS = [
   "tests/test_parallel.py::test_rollouts_and_explanations_are_identical_with_two_processes"),
  ("partial_saved_as_output", "stage2_reward.py", "                common.write_jsonl(part, (", "                common.write_jsonl(paths.explanations(args.tag, split), (",
   "tests/test_parallel.py::test_a_killed_rank_stops_the_job_and_leaves_no_partial_output"),
+ ("tuner_keeps_slowest", "kernels/triton_impl.py", "best = min(range(len(cands)), key=times.__getitem__)", "best = max(range(len(cands)), key=times.__getitem__)",
+  "tests/test_kernels.py::test_autotune_keeps_the_fastest_config_and_caches_it"),
+ ("tuner_no_cache", "kernels/triton_impl.py", "    if key in _TUNED:\n        return _TUNED[key][0]\n", "",
+  "tests/test_kernels.py::test_autotune_keeps_the_fastest_config_and_caches_it"),
+ ("bf16_cuda_upcast", "kernels/triton_impl.py", "        return \"bf16-tensorcore\", dict(DOT_F32=False, IEEE=False)", "        return \"bf16-tensorcore\", dict(DOT_F32=True, IEEE=False)",
+  "tests/test_kernels.py::test_precision_paths_are_explicit"),
+ ("tuner_over_given_blocks", "kernels/triton_impl.py", "            and all(overrides.get(k) is None for k in", "            and any(overrides.get(k) is None for k in",
+  "tests/test_kernels.py::test_the_tuner_runs_on_cuda_only_and_not_over_given_blocks"),
+ ("config_drops_last_k_tile", "kernels/triton_impl.py", "    for k0 in range(0, H, BLOCK_H):\n        ks = k0 + tl.arange(0, BLOCK_H)\n        kmask = ks < H\n        h = tl.load(", "    for k0 in range(0, H - BLOCK_H + 1, BLOCK_H):\n        ks = k0 + tl.arange(0, BLOCK_H)\n        kmask = ks < H\n        h = tl.load(",
+  "tests/test_kernels.py::test_triton_kernels_under_interpreter[config_6]"),
+ ("echo_subsets_ignored", "stage1_sft.py", "profile_echo(r, items, popt, k) if x < dropout + echo", "profile_echo(r, items, popt) if x < dropout + echo",
+  "tests/test_llm_stages.py::test_echo_subsets_state_part_of_the_profile_without_the_label"),
 ]
 only = sys.argv[1:]
 bad = 0

@@ -101,7 +101,7 @@ L = [f"# GPU check{' (CPU dry run)' if dry == '1' else ''}", "",
      "## 2. Kernel benchmark (`python -m kernels.bench`)", ""]
 for f in ("bench.txt", "bench_bf16.txt"):
     if (log / f).exists():
-        L += ["```", *[l for l in (log / f).read_text().splitlines() if l.strip()][-40:], "```", ""]
+        L += ["```", *[l for l in (log / f).read_text().splitlines() if l.strip()][-60:], "```", ""]
 L += ["## 3. torchrun smoke", "", torchrun, "", f"## 4. `./run.sh --preset {preset}`", ""]
 report = R / "eval" / "report.md"
 timings = common.read_jsonl(R / "timings.jsonl") if (R / "timings.jsonl").exists() else []

@@ -472,6 +472,32 @@ def test_profile_echo_puts_the_history_lines_in_the_explanation_slot():
     assert stage1_sft.train_texts(rows, ex, items, popt, [0.1, 0.4, 0.9], 0.3, 0.0) == [None, "text 1", "text 2"]
 
 
+
+def test_echo_subsets_state_part_of_the_profile_without_the_label():
+    """--echo-subsets: a share of the profile-echo texts keep a random non-empty proper subset of
+    the catalogue's genres (the same draws for the same seed, none with share 0); the text counts
+    only those genres and does not depend on the label."""
+    items = {"2": {"iid": "2", "title": "Heat", "genres": ["Crime"]},
+             "3": {"iid": "3", "title": "Up", "genres": ["Comedy", "Crime"]},
+             "4": {"iid": "4", "title": "Jaws", "genres": ["Horror"]}}
+    genres = ["Comedy", "Crime", "Horror"]
+    keep = stage1_sft.genre_subsets(400, genres, 0.5, seed=3)
+    assert keep == stage1_sft.genre_subsets(400, genres, 0.5, seed=3)
+    assert stage1_sft.genre_subsets(5, genres, 0.0, seed=3) == [None] * 5
+    subs = [k for k in keep if k is not None]
+    assert 150 < len(subs) < 250 and all(0 < len(k) < 3 and k <= set(genres) for k in subs)
+    assert {len(k) for k in subs} == {1, 2}
+    rows = [{"uid": str(u), "iid": "2", "label": u % 2, "ts": 0, "hist": [["3", 1], ["4", 0]]}
+            for u in range(2)]
+    ex = [{"explanation": "x"}] * 2
+    popt = {"style": "genres", "question": "paper"}
+    got = stage1_sft.train_texts(rows, ex, items, popt, [0.1, 0.1], 0.0, 1.0, [{"Crime"}, {"Crime"}])
+    assert got == ["The user liked: Crime (1). The user disliked: none."] * 2   # label 0 and 1
+    assert stage1_sft.train_texts(rows, ex, items, popt, [0.1], 0.0, 1.0, [{"Horror", "Comedy"}])[0] \
+        == "The user liked: Comedy (1). The user disliked: Horror (1)."
+    with pytest.raises(common.ExpCTRError, match="genres"):
+        common.history_lines(rows[0], items, "items", {"Crime"})
+
 def _scorer_with_top_layer_lora_and_head(seed: int = 0, answer_layer: int = 0) -> llm.LLM:
     """Tiny model, scorer LoRA in the top layer only with random B, and a perturbed answer head."""
     b = llm.LLM("tiny", "float32")

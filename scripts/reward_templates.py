@@ -12,6 +12,8 @@ differences (the same samples under every template):
   cause         the profile restricted to the planted cause, the genre that decided the click
   other         the profile restricted to another genre of the target (a wrong cause)
   echo          the prompt-echo baseline (evaluate's; restates the target and its genres)
+  profile_cut   (--budget N) the profile cut to its first N tokens, what an explainer restating
+                the profile writes when generation stops at --max-new-tokens N
 'cause' and 'other' exist only on targets with >= 2 genres, where naming one is a real choice;
 every template is scored on those targets (n printed). A reward that ranks 'profile' above
 'cause' teaches the explainer to restate the profile, which names a wrong genre (hit 0 in
@@ -38,7 +40,7 @@ import stage2_reward  # noqa: E402
 from metrics import percentile_ci  # noqa: E402
 
 
-def templates(sample: dict, items: dict, popt: dict) -> dict[str, str | None]:
+def templates(sample: dict, items: dict, popt: dict, cut=None) -> dict[str, str | None]:
     gs = list(items[sample["iid"]]["genres"])
     cause = sample["cause"]
     other = next(g for g in gs if g != cause)
@@ -48,7 +50,8 @@ def templates(sample: dict, items: dict, popt: dict) -> dict[str, str | None]:
             "target_genres": part(set(gs)),
             "cause": part({cause}),
             "other": part({other}),
-            "echo": eq.prompt_echo(sample, items)}
+            "echo": eq.prompt_echo(sample, items),
+            **({"profile_cut": cut(part(None))} if cut else {})}
 
 
 def main():
@@ -59,6 +62,8 @@ def main():
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--budget", type=int, default=0,
+                   help="also score the profile cut to its first N tokens (0: not)")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     a = p.parse_args()
     paths = common.RunPaths(a.run_dir)
@@ -69,7 +74,8 @@ def main():
         sys.exit(f"{paths.data}/valid.jsonl: no sample with a planted cause and >= 2 target genres")
     bundle = llm.LLM(llm.run_model(paths, None), a.dtype)
     bundle.attach({"scorer": paths.scorer})
-    rows = [templates(s, items, popt) for s in valid]
+    cut = (lambda text: bundle.decode(bundle.encode(text)[:a.budget])) if a.budget else None
+    rows = [templates(s, items, popt, cut) for s in valid]
     names = list(rows[0])
     prompts = [common.build_prompt(s, items, **popt) for s in valid]
     targets = [common.target_text(s, items) for s in valid]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ExpCTR end to end: data -> ID-CTR models -> scorer -> PPO (LC) -> ExpCTR-Aug -> PPO (IC) -> eval.
 #
-#   ./run.sh [--preset smoke|quick|planted|paper] [--runs-dir DIR] [--rounds N] [--nproc N]
+#   ./run.sh [--preset smoke|quick|planted|planted-cause|paper] [--runs-dir DIR] [--rounds N] [--nproc N]
 #
 # --nproc N: the training stages (train_ctr, stage1_sft, stage2_reward, stage3_rl) run as
 # `torchrun --standalone --nproc-per-node N` (parallel.py: data-parallel training, chunked
@@ -16,6 +16,8 @@
 #   planted  the mechanism on the synthetic planted world (known click causes): ID-CTR models on
 #          its full data -> DIR/planted-ctr/, the LLM pipeline on subsets -> DIR/planted/
 #          (docs/results-planted.md is one such run)
+#   planted-cause  planted with --echo-subsets 0.5 and 16-token explanations (docs/reward-templates.md;
+#          not run yet) -> DIR/planted-cause/
 #   paper  one GPU: larger splits and iteration counts; every option = the scripts' defaults -> DIR/paper/
 #
 # The schedule (docs/PAPER_NOTES.md §5; file layout in common.py); every line is a command a reader can type,

@@ -310,37 +310,43 @@ def _flags(hidden):
     return flags
 
 
+def _row_grid(hidden, weight, cfg):
+    """The row-block x vocabulary-split grid of the forward and grad_hidden kernels ->
+    (row blocks, vocabulary per split, splits)."""
+    n_blocks = triton.cdiv(max(hidden.shape[0], 1), cfg["block_n"])
+    v_per, splits = _split(weight.shape[0], cfg["block_v"], n_blocks,
+                           _target_programs(cfg, hidden.device), cfg.get("v_splits"))
+    return n_blocks, v_per, splits
+
+
+def _kernel_targets(targets, ignore_index):
+    """(valid rows, targets with -1 on ignored rows), as the kernels read them."""
+    valid = targets != ignore_index
+    return valid, torch.where(valid, targets, -1).contiguous()
+
+
 def _launch_fwd(hidden, weight, bias, tk, inv_t, entropy, cfg):
     """The forward kernel over its grid -> per-split partial stats [4, splits, N]."""
     n, hdim = hidden.shape
-    v = weight.shape[0]
-    bn, bv, bh = cfg["block_n"], cfg["block_v"], cfg["block_h"]
-    n_blocks = triton.cdiv(max(n, 1), bn)
-    v_per, splits = _split(v, bv, n_blocks, _target_programs(cfg, hidden.device),
-                           cfg.get("v_splits"))
+    n_blocks, v_per, splits = _row_grid(hidden, weight, cfg)
     stats = torch.empty(4, splits, n, device=hidden.device, dtype=torch.float32)
     if n:
         _fwd_kernel[(n_blocks, splits)](
-            hidden, weight, bias if bias is not None else weight, tk, stats, n, v, hdim,
-            hidden.stride(0), weight.stride(0), inv_t, v_per, HAS_BIAS=bias is not None,
-            ENTROPY=bool(entropy), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-            num_warps=cfg["num_warps"], **_flags(hidden))
+            hidden, weight, bias if bias is not None else weight, tk, stats, n, weight.shape[0],
+            hdim, hidden.stride(0), weight.stride(0), inv_t, v_per,
+            **_common(hidden, bias, entropy, cfg))
     return stats
 
 
 def _launch_dh(hidden, weight, bias, tk, lse, s_arg, g, ge, inv_t, entropy, cfg):
     """grad_hidden (fp32 [N, H]) from the recomputed tiles."""
     n, hdim = hidden.shape
-    v = weight.shape[0]
-    bn, bv = cfg["block_n"], cfg["block_v"]
     gh = torch.zeros(n, hdim, device=hidden.device, dtype=torch.float32)
-    n_blocks = triton.cdiv(max(n, 1), bn)
-    v_per, splits = _split(v, bv, n_blocks, _target_programs(cfg, hidden.device),
-                           cfg.get("v_splits"))
+    n_blocks, v_per, splits = _row_grid(hidden, weight, cfg)
     if n:
         _bwd_dh_kernel[(n_blocks, splits)](
-            hidden, weight, bias if bias is not None else weight, tk, lse, s_arg, g, ge, gh, n, v,
-            hdim, hidden.stride(0), weight.stride(0), gh.stride(0), inv_t, v_per,
+            hidden, weight, bias if bias is not None else weight, tk, lse, s_arg, g, ge, gh, n,
+            weight.shape[0], hdim, hidden.stride(0), weight.stride(0), gh.stride(0), inv_t, v_per,
             ATOMIC=splits > 1, **_common(hidden, bias, entropy, cfg))
     return gh
 
@@ -349,11 +355,10 @@ def _launch_dw(hidden, weight, bias, tk, lse, s_arg, g, ge, inv_t, entropy, cfg,
     """grad_W (fp32 [V, H], or [1, H] unused) and grad_b (fp32 [V], or [1] unused)."""
     n, hdim = hidden.shape
     v = weight.shape[0]
-    bn, bv = cfg["block_n"], cfg["block_v"]
     gw32 = torch.zeros(v if need_w else 1, hdim, device=hidden.device, dtype=torch.float32)
     gb32 = torch.zeros(v if need_b else 1, device=hidden.device, dtype=torch.float32)
-    v_blocks = triton.cdiv(v, bv)
-    n_per, splits = _split(max(n, 1), bn, v_blocks, _target_programs(cfg, hidden.device),
+    v_blocks = triton.cdiv(v, cfg["block_v"])
+    n_per, splits = _split(max(n, 1), cfg["block_n"], v_blocks, _target_programs(cfg, hidden.device),
                            cfg.get("n_splits"))
     if n:
         _bwd_dw_kernel[(v_blocks, splits)](
@@ -395,8 +400,7 @@ class SelectedLogprobs(torch.autograd.Function):
             raise RuntimeError("kernels: the triton implementation needs CUDA tensors, or "
                                "TRITON_INTERPRET=1 set before triton is imported (CPU interpreter)")
         inv_t = 1.0 / float(temperature)
-        valid = targets != ignore_index
-        tk = torch.where(valid, targets, -1).contiguous()
+        valid, tk = _kernel_targets(targets, ignore_index)
         stats = _launch_fwd(hidden, weight, bias, tk, inv_t, entropy, cfg)
         logp, ent, lse, big_s = _merge(stats, valid, entropy)
         ctx.save_for_backward(hidden, weight, bias, tk, valid, lse, big_s)
@@ -453,8 +457,8 @@ def tune_key(hidden, weight, bias, entropy, need_w) -> tuple:
             bias is not None, bool(entropy), bool(need_w), str(hidden.device))
 
 
-def tune(hidden, weight, bias, targets, *, temperature=1.0, entropy=False, need_w=False,
-         configs=None, timer=None) -> dict:
+def tune(hidden, weight, bias, targets, *, temperature=1.0, ignore_index=-100, entropy=False,
+         need_w=False, configs=None, timer=None) -> dict:
     """[ours] The fastest of `configs` (default CONFIGS, those whose tiles fit the shape) for
     this call's shapes, timed on its own inputs: the forward, then the grad_hidden backward with
     unit upstream gradients (and grad_W if the head trains). Cached per tune_key for the process.
@@ -467,8 +471,7 @@ def tune(hidden, weight, bias, targets, *, temperature=1.0, entropy=False, need_
     cands = [c for c in (configs or CONFIGS) if c["block_v"] <= _pow2(v) and
              c["block_h"] <= _pow2(hdim) and c["block_n"] <= max(16, _pow2(n))] or [CONFIG]
     inv_t = 1.0 / float(temperature)
-    tk = targets.contiguous()
-    valid = tk >= 0
+    valid, tk = _kernel_targets(targets, ignore_index)
     ones = torch.ones(n, device=hidden.device, dtype=torch.float32)
     times = []
     for c in cands:
@@ -507,10 +510,9 @@ def selected_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ig
     precision_path(hidden.dtype)   # an unsupported dtype is a clear error before any launch
     if use_tuner(hidden.device.type, overrides):
         with torch.no_grad():
-            tk = torch.where(targets != ignore_index, targets, -1)
-            overrides = dict(overrides, **tune(hidden, weight, bias, tk, temperature=temperature,
-                                               entropy=return_entropy,
-                                               need_w=weight.requires_grad and torch.is_grad_enabled()))
+            overrides = dict(overrides, **tune(
+                hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index,
+                entropy=return_entropy, need_w=weight.requires_grad and torch.is_grad_enabled()))
     logp, ent = SelectedLogprobs.apply(hidden, weight, bias, targets,
                                        temperature, ignore_index, bool(return_entropy),
                                        _cfg(overrides))

@@ -25,7 +25,6 @@ that leaves room for one genre only would make naming the cause the reward's opt
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -17,7 +17,7 @@
 #          its full data -> DIR/planted-ctr/, the LLM pipeline on subsets -> DIR/planted/
 #          (docs/results-planted.md is one such run)
 #   planted-cause  planted with --echo-subsets 0.5 and 16-token explanations (docs/reward-templates.md;
-#          not run yet) -> DIR/planted-cause/
+#          one run: docs/results-planted-cause.md, a negative result) -> DIR/planted-cause/
 #   paper  one GPU: larger splits and iteration counts; every option = the scripts' defaults -> DIR/paper/
 #
 # The schedule (docs/PAPER_NOTES.md §5; file layout in common.py); every line is a command a reader can type,

@@ -141,6 +141,21 @@ def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding with its lookup as an index_select: the same values and gradients (the
+    padding row gets none, as in nn.Embedding), but the backward is an index_add instead of
+    embedding_dense_backward, which sorts the indices: ~2.3x faster alone on CPU, a DIN step at
+    2M ratings 1.03x (scripts/bench_ctr_train.py). Same parameters and state_dict keys."""
+
+    def forward(self, idx):
+        return lookup(self.weight, idx, self.padding_idx)
+
+
+def lookup(table, idx, padding_idx=None):  # table[idx] by index_select; no gradient to padding_idx
+    out = table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])
+    return out if padding_idx is None else out * (idx != padding_idx).unsqueeze(-1)
+
+
 class CTRModel(nn.Module):
     """What every ID backbone shares (FuxiCTR-style base class): one emb_dim-wide embedding per
     field - user, item, target genres (mean), each user-profile field - the history items
@@ -153,11 +168,11 @@ class CTRModel(nn.Module):
         super().__init__()
         self.cfg = c = cfg
         d = c["emb_dim"]
-        self.user = nn.Embedding(c["n_uid"] + 1, d)
-        self.item = nn.Embedding(c["n_iid"] + 1, d)
-        self.genre = nn.Embedding(c["n_genre"] + 1, d, padding_idx=0)
-        self.fields = nn.ModuleList(nn.Embedding(n + 1, d) for n in c["n_field"])
-        self.sign = nn.Embedding(3, d, padding_idx=0)  # pad / disliked / liked
+        self.user = Embedding(c["n_uid"] + 1, d)
+        self.item = Embedding(c["n_iid"] + 1, d)
+        self.genre = Embedding(c["n_genre"] + 1, d, padding_idx=0)
+        self.fields = nn.ModuleList(Embedding(n + 1, d) for n in c["n_field"])
+        self.sign = Embedding(3, d, padding_idx=0)  # pad / disliked / liked
         for emb in [self.user, self.item, self.genre, self.sign, *self.fields]:
             nn.init.normal_(emb.weight, std=0.05)  # [ours] small init keeps the FM term tame
             if emb.padding_idx is not None:
@@ -202,9 +217,9 @@ class DeepFM(CTRModel):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.lin_user = nn.Embedding(cfg["n_uid"] + 1, 1)
-        self.lin_item = nn.Embedding(cfg["n_iid"] + 1, 1)
-        self.lin_genre = nn.Embedding(cfg["n_genre"] + 1, 1, padding_idx=0)
+        self.lin_user = Embedding(cfg["n_uid"] + 1, 1)
+        self.lin_item = Embedding(cfg["n_iid"] + 1, 1)
+        self.lin_genre = Embedding(cfg["n_genre"] + 1, 1, padding_idx=0)
         nn.init.zeros_(self.lin_user.weight)
         nn.init.zeros_(self.lin_item.weight)
         self.deep = mlp([self.width] + self.hidden, cfg["dropout"])
@@ -265,7 +280,7 @@ class DIN(CTRModel):
         pre = (nn.functional.linear(q, wq + wd, first.bias).unsqueeze(1)
                + nn.functional.linear(torch.cat([hk, q.unsqueeze(1) * hk], -1),
                                       torch.cat([wk - wd, wp], 1))
-               + nn.functional.embedding(hlab, self.sign.weight @ ws.T))
+               + lookup(self.sign.weight @ ws.T, hlab))
         return last(act(pre)).squeeze(-1) * (hlab > 0).float()
 
     def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:

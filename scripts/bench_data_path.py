@@ -9,6 +9,7 @@ process; reported: wall seconds, peak RSS (wait4), and for train_ctr the data-lo
 the epoch loop's progress bar, the same way for both codes). Prints a Markdown table.
 
     python scripts/bench_data_path.py --sizes 2000000,20000000 --old-at 2000000
+    python scripts/bench_data_path.py --sizes 2000000 --new-batch 1024,4096
 """
 from __future__ import annotations
 
@@ -76,6 +77,9 @@ def main():
     p.add_argument("--old-at", type=int, default=2_000_000, help="size at which the old code runs too")
     p.add_argument("--work", default="/tmp/expctr-bench-data", help="scratch folder (tens of GB at 20M)")
     p.add_argument("--threads", type=int, default=2, help="train_ctr --threads")
+    p.add_argument("--new-batch", default="",
+                   help="comma list of train_ctr --batch-size for the working tree's runs, one run "
+                        "each (default: its default); the old code runs with its default, 1,024")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     work = Path(a.work)
@@ -92,16 +96,18 @@ def main():
         if not (raw / "ratings.csv").exists():
             got = gen_ml20m.write(raw, n, a.seed)
             print(f"generated {got:,} ratings -> {raw}", flush=True)
-        codes = [("per-row (old)", old), ("columnar (new)", ROOT)] if n == a.old_at else \
-            [("columnar (new)", ROOT)]
-        for name, code in codes:
+        new = [("columnar (new)" + (f", batch {b}" if b else ""), ROOT, b)
+               for b in (a.new_batch.split(",") if a.new_batch else [""])]
+        codes = [("per-row (old)", old, "")] + new if n == a.old_at else new
+        for name, code, batch in codes:
             run_dir = work / f"run-{n}-{'old' if code == old else 'new'}"
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
             dp = run([py, me, "--child", str(code), "data_prep", "--run-dir", str(run_dir),
                       "--dataset", "ml-20m", "--raw-dir", str(raw)])
             meta = json.loads((run_dir / "data" / "meta.json").read_text())
             tr = run([py, me, "--child", str(code), "train_ctr", "--run-dir", str(run_dir),
-                      "--model", "din", "--epochs", "1", "--threads", str(a.threads)])
+                      "--model", "din", "--epochs", "1", "--threads", str(a.threads),
+                      *(["--batch-size", batch] if batch else [])])
             m = json.loads((run_dir / "ctr" / "din" / "metrics.json").read_text())
             n_train = meta["counts"]["train"]
             rows.append((n, name, meta["n_interactions"], n_train, dp, tr,

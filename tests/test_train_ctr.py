@@ -266,3 +266,37 @@ def test_din_attention_by_parts_equals_the_concatenated_unit(run):
     g2 = torch.autograd.grad(din_reference(net, b).sum(), list(net.parameters()))
     for a, c in zip(g1, g2):
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_embedding_by_index_select_equals_nn_embedding(padding_idx):
+    """train_ctr.Embedding (index_select lookups, for a faster backward) gives nn.Embedding's
+    values and gradients, including none to the padding row."""
+    torch.manual_seed(0)
+    ref = torch.nn.Embedding(7, 4, padding_idx=padding_idx).double()
+    ref.weight.data.normal_()  # a non-zero padding row too: no gradient may reach it
+    ours = train_ctr.Embedding(7, 4, padding_idx=padding_idx).double()
+    ours.load_state_dict(ref.state_dict())
+    idx = torch.tensor([[0, 3, 3, 6], [1, 0, 2, 3]])
+    out_r, out_o = ref(idx), ours(idx)
+    w = torch.randn(out_r.shape, dtype=torch.float64)
+    (out_r * w).sum().backward()
+    (out_o * w).sum().backward()
+    if padding_idx is None:
+        torch.testing.assert_close(out_o, out_r, rtol=0, atol=0)
+    else:  # nn.Embedding reads the padding row's weight; ours reads 0 (the row is 0 in training)
+        keep = (idx != padding_idx).unsqueeze(-1)
+        torch.testing.assert_close(out_o, out_r * keep, rtol=0, atol=0)
+        assert ours.weight.grad[padding_idx].abs().sum() == 0
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_bench_ctr_train_runs_every_variant(run):
+    """scripts/bench_ctr_train.py (a benchmark, not a timed test) runs end to end on a small
+    run folder and prints one row per variant; nothing here checks a speed."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ctr_train.py"),
+                          "--run-dir", str(run), "--threads", "1", "--batch", "32",
+                          "--big-batch", "64", "--steps", "1", "--warmup", "1", "--rounds", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "x |" in line]
+    assert len(rows) == 5 and rows[0].endswith("| 1.00x |"), out

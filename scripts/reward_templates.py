@@ -14,6 +14,9 @@ differences (the same samples under every template):
   echo          the prompt-echo baseline (evaluate's; restates the target and its genres)
   profile_cut   (--budget N) the profile cut to its first N tokens, what an explainer restating
                 the profile writes when generation stops at --max-new-tokens N
+  cause_cut, other_cut  (--budget N) 'cause' and 'other' cut the same way: a statement of one
+                genre takes 15-20 tokens on the planted world, so at N = 16 it is cut too, and
+                profile_cut is compared fairly with these, not with the uncut 'cause'
 'cause' and 'other' exist only on targets with >= 2 genres, where naming one is a real choice;
 every template is scored on those targets (n printed). A reward that ranks 'profile' above
 'cause' teaches the explainer to restate the profile, which names a wrong genre (hit 0 in
@@ -50,7 +53,8 @@ def templates(sample: dict, items: dict, popt: dict, cut=None) -> dict[str, str 
             "cause": part({cause}),
             "other": part({other}),
             "echo": eq.prompt_echo(sample, items),
-            **({"profile_cut": cut(part(None))} if cut else {})}
+            **({"profile_cut": cut(part(None)), "cause_cut": cut(part({cause})),
+                "other_cut": cut(part({other}))} if cut else {})}
 
 
 def main():
@@ -95,6 +99,12 @@ def main():
         ci, dci = out[k]["ci"], out[k]["minus_cause_ci"]
         print(f"| {k} | {out[k]['r_lc']:.4f} | [{ci[0]:.4f}, {ci[1]:.4f}] | {d.mean():+.4f} | "
               f"[{dci[0]:+.4f}, {dci[1]:+.4f}] |")
+    if a.budget:  # the fair comparison under the budget: both statements cut to N tokens
+        for k in ("profile_cut", "other_cut"):
+            d = r[k] - r["cause_cut"]
+            ci = percentile_ci(d[B].mean(1))
+            out[f"{k}_minus_cause_cut"] = {"mean": float(d.mean()), "ci": ci}
+            print(f"- {k} minus cause_cut (paired): {d.mean():+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]")
     if a.out:
         common.write_json(a.out, out)
 

@@ -625,3 +625,25 @@ def test_sft_on_cached_lower_layers_saves_a_scorer_that_predicts_what_training_m
     rows = common.read_jsonl(P.scorer / "preds_valid_none.jsonl")
     got = metrics.auc([r["label"] for r in rows], [r["p"] for r in rows])
     assert abs(got - m["valid_auc_no_expl"]) < 1e-9
+
+
+def test_reward_templates_cut_every_statement_to_the_same_budget():
+    """scripts/reward_templates.py: under --budget the cause and the wrong genre are cut like the
+    profile (a one-genre statement is longer than a 16-token budget on the planted world), and
+    'cause' / 'other' state the planted cause / another genre of the target."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import reward_templates
+    items = {"2": {"iid": "2", "title": "Heat", "genres": ["Crime", "Comedy"]},
+             "3": {"iid": "3", "title": "Up", "genres": ["Comedy", "Crime"]},
+             "4": {"iid": "4", "title": "Jaws", "genres": ["Horror"]}}
+    s = {"uid": "1", "iid": "2", "label": 1, "ts": 0, "cause": "Crime", "hist": [["3", 1], ["4", 0]]}
+    popt = {"style": "genres", "question": "paper"}
+    cut = lambda text: text[:20]
+    t = reward_templates.templates(s, items, popt, cut)
+    assert t["cause"] == "The user liked: Crime (1). The user disliked: none."
+    assert t["other"] == "The user liked: Comedy (1). The user disliked: none."
+    assert t["none"] is None and "Horror" in t["profile"]
+    assert (t["profile_cut"], t["cause_cut"], t["other_cut"]) == \
+        (cut(t["profile"]), cut(t["cause"]), cut(t["other"]))
+    assert "cause_cut" not in reward_templates.templates(s, items, popt)

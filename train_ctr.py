@@ -301,6 +301,12 @@ def build_net(cfg: dict) -> CTRModel:
     return NETS[cfg["model"]](cfg)
 
 
+def vocab_sizes(vocab: dict) -> dict:
+    """The table sizes a model config needs from its vocabulary (ctr_features.build_vocab)."""
+    return {"n_uid": len(vocab["uid"]), "n_iid": len(vocab["iid"]), "n_genre": len(vocab["genre"]),
+            "n_field": [len(vocab["field"][f]) for f in vocab["user_fields"]]}
+
+
 # ---- plumbing: predictor (the Python API) -----------------------------------------------
 class CTRPredictor:
     """A loaded checkpoint: .predict(samples, text_emb=None) -> float64 probabilities."""
@@ -539,8 +545,7 @@ def main(argv=None):
             cfg.update({k: init.cfg[k] for k in ("emb_dim", "mlp", "dropout")})
     else:
         vocab = ctr_features.build_vocab(data["train"], items, meta.get("user_fields", []))
-    cfg.update(n_uid=len(vocab["uid"]), n_iid=len(vocab["iid"]), n_genre=len(vocab["genre"]),
-               n_field=[len(vocab["field"][f]) for f in vocab["user_fields"]])
+    cfg.update(vocab_sizes(vocab))
 
     t0 = time.time()
     load_seconds, sps = t0 - t_start, None

@@ -74,9 +74,7 @@ def main():
     vocab = ctr_features.build_vocab(train, common.load_items(paths), meta.get("user_fields", []))
     feats = ctr_features.Features(train, vocab)
     cfg = {"model": "din", "emb_dim": 16, "mlp": "128,64", "text_dim": 0,
-           "dropout": train_ctr.MODEL_DEFAULTS["din"]["dropout"], "n_uid": len(vocab["uid"]),
-           "n_iid": len(vocab["iid"]), "n_genre": len(vocab["genre"]),
-           "n_field": [len(vocab["field"][f]) for f in vocab["user_fields"]]}
+           "dropout": train_ctr.MODEL_DEFAULTS["din"]["dropout"], **train_ctr.vocab_sizes(vocab)}
     emb_reg = train_ctr.MODEL_DEFAULTS["din"]["emb_reg"]
     B, BB = a.batch, a.big_batch
     variants = [(f"nn.Embedding, batch {B}", B, nn.Embedding, False),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parents[1])
 FAULTS = [
- ("cause_cut_uncut", "scripts/reward_templates.py", "\"cause_cut\": cut(part({cause}))", "\"cause_cut\": part({cause})",
+ ("cause_cut_uncut", "scripts/reward_templates.py", "cut(out[k]) for k in (\"profile\", \"cause\", \"other\")", "(cut(out[k]) if k == \"profile\" else out[k]) for k in (\"profile\", \"cause\", \"other\")",
   "tests/test_llm_stages.py::test_reward_templates_cut_every_statement_to_the_same_budget"),
  ("embedding_pad_grad", "train_ctr.py", "    return out if padding_idx is None else out * (idx != padding_idx).unsqueeze(-1)\n", "    return out\n",
   "tests/test_train_ctr.py::test_embedding_by_index_select_equals_nn_embedding"),

@@ -47,14 +47,15 @@ def templates(sample: dict, items: dict, popt: dict, cut=None) -> dict[str, str 
     cause = sample["cause"]
     other = next(g for g in gs if g != cause)
     part = lambda keep: stage1_sft.profile_echo(sample, items, popt, keep)  # a partial profile
-    return {"none": None,
-            "profile": part(None),
-            "target_genres": part(set(gs)),
-            "cause": part({cause}),
-            "other": part({other}),
-            "echo": eq.prompt_echo(sample, items),
-            **({"profile_cut": cut(part(None)), "cause_cut": cut(part({cause})),
-                "other_cut": cut(part({other}))} if cut else {})}
+    out = {"none": None,
+           "profile": part(None),
+           "target_genres": part(set(gs)),
+           "cause": part({cause}),
+           "other": part({other}),
+           "echo": eq.prompt_echo(sample, items)}
+    if cut:  # the same statements, cut to the budget
+        out.update({f"{k}_cut": cut(out[k]) for k in ("profile", "cause", "other")})
+    return out
 
 
 def main():

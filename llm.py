@@ -422,9 +422,10 @@ class LLM:
                 out[i] = h[j, mask[j].bool()].clone()
         return out
 
-    def upper_answer_logprobs(self, states: list[torch.Tensor], n_top: int) -> torch.Tensor:
-        """answer_logprobs() from lower_states(): the top n_top layers (active adapter, with
-        autograd when it is on), the final norm and the Yes/No read-out. [B,2]."""
+    def _upper(self, states: list[torch.Tensor], n_top: int) -> torch.Tensor:
+        """The top n_top layers (active adapter, with autograd when it is on) and the final norm
+        over lower_states() rows, left-padded again: [B,T,H] (a fresh tensor, so inference-mode
+        states can feed a backward)."""
         decoder, _ = self._parts()
         T = max(len(x) for x in states)
         h = states[0].new_zeros((len(states), T, states[0].shape[1]))
@@ -433,8 +434,41 @@ class LLM:
             h[j, T - len(x):] = x
             mask[j, T - len(x):] = 1
         first, end = self.stack(n_top)
-        h = self._run_layers(h, mask, decoder.layers[first:end])
-        return self._yes_no(decoder.norm(h[:, -1]))
+        return decoder.norm(self._run_layers(h, mask, decoder.layers[first:end]))
+
+    def upper_answer_logprobs(self, states: list[torch.Tensor], n_top: int) -> torch.Tensor:
+        """answer_logprobs() from lower_states(): the top n_top layers, the final norm and the
+        Yes/No read-out. [B,2]."""
+        return self._yes_no(self._upper(states, n_top)[:, -1])
+
+    def upper_completion_logprobs(self, states: list[torch.Tensor], completions: list[list[int]],
+                                  n_top: int, entropy: bool = False, temperature: float = 1.0):
+        """completion_logprobs() from lower_states() of the prompt + completion sequences [ours:
+        an explainer LoRA in the top n_top layers only, so its PPO epochs run those layers
+        alone]. Same returns as completion_logprobs()."""
+        _, head = self._parts()
+        h = self._upper(states, n_top)
+        T = h.shape[1]
+        rows = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(completions)])
+        cols = torch.cat([torch.arange(T - len(c), T) for c in completions])
+        tgt = torch.tensor([t for c in completions for t in c], dtype=torch.long, device=self.device)
+        out = kernels.selected_logprobs(h[rows.to(self.device), cols.to(self.device) - 1], head.weight,
+                                        tgt, bias=self.policy_bias(), temperature=temperature,
+                                        return_entropy=entropy)
+        lens = [len(c) for c in completions]
+        if entropy:
+            return list(out[0].split(lens)), list(out[1].split(lens))
+        return list(out.split(lens))
+
+    def top_lora_layers(self, name: str) -> int:
+        """N when adapter `name` adapts exactly the top N decoder layers (peft
+        layers_to_transform), else 0 (it adapts all, or a set lower_states() cannot skip)."""
+        layers = getattr(self.model.peft_config[name], "layers_to_transform", None)
+        if not layers:
+            return 0
+        layers = sorted([layers] if isinstance(layers, int) else layers)
+        end = self.depth.get(name, self.n_layers)
+        return len(layers) if layers == list(range(end - len(layers), end)) else 0
 
     # -- prefix KV reuse: a prompt's forward once for all its continuations --------------------
     def hidden_after_prefix(self, prefixes: list[list[int]], suffixes: list[list[int]],
@@ -628,6 +662,19 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Index batches of similar length (less padding); deterministic."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def lower_states_chunked(world, bundle: LLM, seqs, n_top: int, batch: int, desc: str):
+    """bundle.lower_states in chunks (one length-sorted batch each; chunk c on rank c % N),
+    gathered on every rank: each rank then trains the top layers on any sample of a batch."""
+    chunks = length_batches([len(x) for x in seqs], batch)
+    got = world.map_chunks(len(chunks), lambda c: [h.cpu() for h in bundle.lower_states(
+        [seqs[i] for i in chunks[c]], n_top, batch, desc)], desc)
+    out: list = [None] * len(seqs)
+    for c, states in got.items():
+        for i, h in zip(chunks[c], states):
+            out[i] = h.to(bundle.device)
+    return out
 
 
 def make_embedder(bundle: LLM, encoder: str | None, batch_size: int = 32):

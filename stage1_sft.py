@@ -154,19 +154,6 @@ def predict_p_chunked(world, bundle: llm.LLM, prompts: list[str], variants: list
         np.zeros((len(variants), 0))
 
 
-def lower_states_chunked(world, bundle: llm.LLM, seqs, n_top: int, batch: int, desc: str):
-    """bundle.lower_states in chunks (one length-sorted batch each; chunk c on rank c % N),
-    gathered on every rank: each rank then trains the top layers on any sample of a batch."""
-    chunks = llm.length_batches([len(x) for x in seqs], batch)
-    got = world.map_chunks(len(chunks), lambda c: [h.cpu() for h in bundle.lower_states(
-        [seqs[i] for i in chunks[c]], n_top, batch, desc)], desc)
-    out: list = [None] * len(seqs)
-    for c, states in got.items():
-        for i, h in zip(chunks[c], states):
-            out[i] = h.to(bundle.device)
-    return out
-
-
 def profile_echo(sample: dict, items: dict, popt: dict, keep: set[str] | None = None) -> str:
     """[ours] The --profile-echo text: the user's liked / disliked history as the prompt shows it,
     in the explanation's place (no label, no target verdict); keep: only these genres' counts."""
@@ -270,9 +257,9 @@ def train(args, paths: RunPaths, model: str, world):
         va_seqs = [bundle.scorer_ids(p, x, t) for expl in va_variants
                    for p, x, t in zip(va_prompts, expl, va_targets)]
         with bundle.use("scorer"):
-            tr_states = lower_states_chunked(world, bundle, tr_seqs, n_top, args.eval_batch,
+            tr_states = llm.lower_states_chunked(world, bundle, tr_seqs, n_top, args.eval_batch,
                                              "lower layers, train")
-            va_states = lower_states_chunked(world, bundle, va_seqs, n_top, args.eval_batch,
+            va_states = llm.lower_states_chunked(world, bundle, va_seqs, n_top, args.eval_batch,
                                              "lower layers, valid")
     lower_s = time.time() - t0
 

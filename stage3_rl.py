@@ -12,6 +12,10 @@ LoRA toward the reference on its own). A group whose rewards are all equal gets 
 (never NaN). The policy is kept in eval mode (no LoRA dropout) so the first step's ratio is 1 up
 to float rounding (logged as ratio_first_step) [ours]. Log-probs are of the distribution that
 sampled (the rollout rows' temperature, special tokens masked), see llm.LLM.generate.
+[ours] --lora-layers N: the LoRA adapts the top N decoder layers only; the lower layers' output is
+then the same for the policy, the old policy and the reference, so each iteration computes it once
+and every PPO epoch runs the top N layers alone (scripts/bench_ppo_update.py; the same update as
+through the whole model, tests/test_rl_loop.py).
 
 Reads   R/rollouts/iter_k.jsonl (stage2_reward.py --iter k), R/policy/iter_{k-1}/ (k>1; at k=1 a
         fresh LoRA, which equals the base since LoRA B=0).
@@ -56,6 +60,13 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the LoRA "
                    "[ours: 0; a decay pulls the policy toward the reference besides the KL term]")
+    p.add_argument("--lora-layers", type=int, default=0,
+                   help="the fresh LoRA of iteration 1 adapts the top N decoder layers only (0 = "
+                        "all) [ours]: each iteration then runs the frozen lower layers once over "
+                        "its rollouts, and every PPO epoch runs the top N alone (later iterations "
+                        "keep the layers of the adapter they load)")
+    p.add_argument("--lora-targets", default=",".join(llm.LORA_TARGETS),
+                   help=f"projections of the fresh LoRA of iteration 1; 'all' = {','.join(llm.ALL_PROJ)}")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing: less memory, ~1 more forward of compute")
     p.add_argument("--no-adv-norm", action="store_true", help="do not divide advantages by their std")
@@ -175,7 +186,9 @@ def main(argv=None):
     world = parallel.init(args.device)  # torchrun: each minibatch shared out, gradients averaged
     common.set_seed(args.seed + k)
     bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads))
-    bundle.attach({"explainer": llm.policy_folder(paths, common.policy_tag(k - 1))})
+    targets = llm.ALL_PROJ if args.lora_targets == "all" else tuple(args.lora_targets.split(","))
+    bundle.attach({"explainer": llm.policy_folder(paths, common.policy_tag(k - 1))},
+                  targets=targets, top_layers=args.lora_layers)  # a saved adapter keeps its own
     params = bundle.trainable("explainer")
     world.broadcast_params(params)
     bundle.model.eval()  # [ours] no LoRA dropout: ratio == 1 before the first step
@@ -195,6 +208,12 @@ def main(argv=None):
     steps = [(e, s) for e in range(args.ppo_epochs) for s in range(0, len(rows), args.minibatch)]
     order = None
     with bundle.use("explainer"):
+        # [ours] LoRA in the top n_top layers only: the lower layers' output is the same for the
+        # policy, its old self and the reference, so it is computed once for every PPO epoch
+        n_top = bundle.top_lora_layers("explainer")
+        states = llm.lower_states_chunked(
+            world, bundle, [r["prompt_ids"] + r["completion_ids"] for r in rows], n_top,
+            args.minibatch, "lower layers") if n_top else None
         for e, s in tqdm(steps, desc=f"ppo iter {k}", unit=" step"):
             if s == 0:
                 order = rng.permutation(len(rows))
@@ -204,9 +223,14 @@ def main(argv=None):
             st, ent = dict.fromkeys(STAT_KEYS, 0.0), 0.0
             if mb:
                 # ---- algorithm: one PPO minibatch step ----
-                new, ents_mb = bundle.completion_logprobs([r["prompt_ids"] for r in mb],
-                                                          [r["completion_ids"] for r in mb],
-                                                          entropy=True, temperature=temperature)
+                if n_top:
+                    new, ents_mb = bundle.upper_completion_logprobs(
+                        [states[i] for i in pick], [r["completion_ids"] for r in mb], n_top,
+                        entropy=True, temperature=temperature)
+                else:
+                    new, ents_mb = bundle.completion_logprobs([r["prompt_ids"] for r in mb],
+                                                              [r["completion_ids"] for r in mb],
+                                                              entropy=True, temperature=temperature)
                 logp = torch.nn.utils.rnn.pad_sequence([x.float() for x in new], batch_first=True)
                 old, mask = pad([r["logp_old"] for r in mb], device=bundle.device)
                 ref, _ = pad([r["logp_ref"] for r in mb], device=bundle.device)
@@ -244,7 +268,8 @@ def main(argv=None):
         kl_last=stats[-1]["kl"], clip_frac_last=stats[-1]["clip_frac"],
         ratio_first_step=stats[0]["ratio"], ratio_first_step_max_dev=stats[0]["ratio_max_dev"],
         weight_decay=args.weight_decay, temperature=temperature,
-        tokens_per_s=round(n_tok / secs, 1), seconds=round(secs, 1), lr=args.lr, kl_beta=args.kl_beta)
+        tokens_per_s=round(n_tok / secs, 1), seconds=round(secs, 1), lr=args.lr, kl_beta=args.kl_beta,
+        lora_top_layers=n_top)
     bundle.save_adapter("explainer", paths.policy(k), iter=k, rollouts=str(paths.rollouts(k)))
     print(f"[stage3] iter {k} ({phase}): reward {row['reward']:.4f}, KL {row['kl']:.5f}, clip "
           f"{row['clip_frac']:.3f}, entropy {row['entropy']:.3f}, {row['tokens_per_s']} tokens/s "

@@ -17,6 +17,10 @@ SRC = str(Path(__file__).resolve().parents[1])
 FAULTS = [
  ("cause_cut_uncut", "scripts/reward_templates.py", "cut(out[k]) for k in (\"profile\", \"cause\", \"other\")", "(cut(out[k]) if k == \"profile\" else out[k]) for k in (\"profile\", \"cause\", \"other\")",
   "tests/test_llm_stages.py::test_reward_templates_cut_every_statement_to_the_same_budget"),
+ ("upper_logprob_shift", "llm.py", "cols.to(self.device) - 1], head.weight,", "cols.to(self.device)], head.weight,",
+  "tests/test_rl_loop.py::test_explainer_top_layers_from_cached_lower_states_equal_the_full_forward"),
+ ("ppo_states_misaligned", "stage3_rl.py", "[states[i] for i in pick]", "[states[i] for i in pick[::-1]]",
+  "tests/test_rl_loop.py::test_ppo_with_top_layer_lora_is_the_full_forward_update"),
  ("embedding_pad_grad", "train_ctr.py", "    return out if padding_idx is None else out * (idx != padding_idx).unsqueeze(-1)\n", "    return out\n",
   "tests/test_train_ctr.py::test_embedding_by_index_select_equals_nn_embedding"),
  ("merged_bf16_generation", "stage2_reward.py", "    with bundle.use(adapter):\n        for a in range(0, len(prompt_ids), args.gen_batch):",

@@ -349,3 +349,64 @@ def test_activation_checkpointing_gives_the_same_ppo_update(tiny_run, tmp_path):
     layer = b._parts()[0].layers[0]
     assert layer.gradient_checkpointing and layer.training
     assert not any(m.training for m in layer.modules() if m is not layer)  # no LoRA dropout
+
+
+def test_explainer_top_layers_from_cached_lower_states_equal_the_full_forward():
+    """stage3_rl --lora-layers N runs the frozen lower layers once per iteration: the top layers
+    run from those states give completion_logprobs()'s log-probs, entropies and LoRA gradients."""
+    b = llm.LLM("tiny", "float32")
+    b.attach({"explainer": None}, targets=llm.ALL_PROJ, top_layers=1)
+    assert b.top_lora_layers("explainer") == 1
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in b.model.named_parameters():
+            if "lora_B.explainer" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    prompts = [b.explainer_ids("The user liked: A, B.\nTarget item: C."), b.explainer_ids("liked D.")]
+    comps = [b.encode(" He will like it."), b.encode(" No")]
+    params = b.trainable("explainer")
+    got = []
+    for path in ("full", "cached"):
+        with b.use("explainer"):
+            lp, ent = (b.completion_logprobs(prompts, comps, entropy=True, temperature=0.7)
+                       if path == "full" else b.upper_completion_logprobs(
+                           b.lower_states([p + c for p, c in zip(prompts, comps)], 1, 4), comps, 1,
+                           entropy=True, temperature=0.7))
+        for p in params:
+            p.grad = None
+        (torch.cat(lp) * torch.linspace(-1, 1, sum(map(len, comps)))).sum().backward()
+        got.append((torch.cat(lp).detach(), torch.cat(ent).detach(), [p.grad.clone() for p in params]))
+    (lp_f, e_f, g_f), (lp_c, e_c, g_c) = got
+    assert torch.allclose(lp_f, lp_c, atol=1e-5), (lp_f - lp_c).abs().max()
+    assert torch.allclose(e_f, e_c, atol=1e-5)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(g_f, g_c))
+    assert any(float(x.abs().sum()) > 0 for x in g_c)
+    full = llm.LLM("tiny", "float32")
+    full.attach({"explainer": None})
+    assert full.top_lora_layers("explainer") == 0  # LoRA in every layer: nothing to skip
+
+
+def test_ppo_with_top_layer_lora_is_the_full_forward_update(tiny_run, tmp_path, monkeypatch):
+    """--lora-layers 1: the adapter of iteration 1 adapts the top layer only, iteration 2 keeps
+    it, and the update from cached lower states equals the one through the whole model."""
+    from safetensors.torch import load_file
+    out = {}
+    for path in ("cached", "full"):
+        if path == "full":
+            monkeypatch.setattr(llm.LLM, "top_lora_layers", lambda self, name: 0)
+        d = copy_run(tiny_run, tmp_path / path)
+        P = RunPaths(d)
+        for k in (1, 2):
+            stage2_reward.main(["--run-dir", str(d), "--iter", str(k), *ROLL])
+            stage3_rl.main(["--run-dir", str(d), "--iter", str(k), *PPO, "--lr", "0.01",
+                            "--lora-layers", "1", "--lora-targets", "all"])
+        out[path] = load_file(P.policy(2) / "adapter_model.safetensors")
+        cfg = common.read_json(P.policy(2) / "adapter_config.json")
+        n_layers = llm.LLM("tiny", "float32").n_layers
+        assert cfg["layers_to_transform"] == [n_layers - 1] and len(cfg["target_modules"]) == 7
+        rows = [m for m in common.read_jsonl(P.metrics) if m["stage"] == "stage3_rl"]
+        assert [r["lora_top_layers"] for r in rows] == ([1, 1] if path == "cached" else [0, 0])
+    assert out["cached"].keys() == out["full"].keys()
+    assert all(f".layers.{n_layers - 1}." in k for k in out["cached"])
+    moved = max((out["cached"][k] - out["full"][k]).abs().max().item() for k in out["cached"])
+    assert moved < 1e-5, moved

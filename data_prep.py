@@ -103,7 +103,9 @@ SYNTH_BIAS = -0.3  # [ours] the planted click model's intercept (logit units)
 def make_synthetic(args):
     """Items with titles and 1-2 genres, users with hidden genre tastes, clicks drawn from a
     known logistic model: logit = bias + sum_{g in item} taste[u, g] + quality[i].
-    `cause` = the item genre with the largest |taste| contribution. [ours] everything here."""
+    `cause` = the item genre with the largest |taste| contribution. Returns (interactions, items,
+    users, truth: (uid, iid) -> (label, cause, click probability, {genre: taste contribution})).
+    [ours] everything here."""
     rng = np.random.default_rng(args.seed)
     G, U, I = args.n_genres, args.n_users, args.n_items
     if not 4 <= G <= len(GENRES):
@@ -152,7 +154,8 @@ def make_synthetic(args):
             label = int(rng.random() < 1 / (1 + math.exp(-logit)))
             cause = GENRES[item_g[i][int(np.argmax(np.abs(contrib)))]]
             inter.append((str(u + 1), str(i + 1), int(t), None))
-            truth[(str(u + 1), str(i + 1))] = (label, cause, 1 / (1 + math.exp(-logit)))
+            truth[(str(u + 1), str(i + 1))] = (label, cause, 1 / (1 + math.exp(-logit)),
+                                               dict(zip((GENRES[g] for g in item_g[i]), contrib.tolist())))
     return inter, items, users, truth
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parents[1])
 FAULTS = [
- ("cause_cut_uncut", "scripts/reward_templates.py", "cut(out[k]) for k in (\"profile\", \"cause\", \"other\")", "(cut(out[k]) if k == \"profile\" else out[k]) for k in (\"profile\", \"cause\", \"other\")",
+ ("cause_cut_uncut", "scripts/reward_templates.py", "cut(out[k]) for k in (\"profile\", \"target_genres\", \"cause\", \"other\")", "(cut(out[k]) if k == \"profile\" else out[k]) for k in (\"profile\", \"target_genres\", \"cause\", \"other\")",
   "tests/test_llm_stages.py::test_reward_templates_cut_every_statement_to_the_same_budget"),
  ("upper_logprob_shift", "llm.py", "cols.to(self.device) - 1], head.weight,", "cols.to(self.device)], head.weight,",
   "tests/test_rl_loop.py::test_explainer_top_layers_from_cached_lower_states_equal_the_full_forward"),

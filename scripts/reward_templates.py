@@ -14,9 +14,9 @@ differences (the same samples under every template):
   echo          the prompt-echo baseline (evaluate's; restates the target and its genres)
   profile_cut   (--budget N) the profile cut to its first N tokens, what an explainer restating
                 the profile writes when generation stops at --max-new-tokens N
-  cause_cut, other_cut  (--budget N) 'cause' and 'other' cut the same way: a statement of one
-                genre takes 15-20 tokens on the planted world, so at N = 16 it is cut too, and
-                profile_cut is compared fairly with these, not with the uncut 'cause'
+  target_genres_cut, cause_cut, other_cut  (--budget N) the same statements cut the same
+                way: a one-genre statement takes 15-20 tokens on the planted world, so at N = 16
+                it is cut too, and profile_cut is compared fairly with these, not the uncut 'cause'
 'cause' and 'other' exist only on targets with >= 2 genres, where naming one is a real choice;
 every template is scored on those targets (n printed). A reward that ranks 'profile' above
 'cause' teaches the explainer to restate the profile, which names a wrong genre (hit 0 in
@@ -54,7 +54,7 @@ def templates(sample: dict, items: dict, popt: dict, cut=None) -> dict[str, str 
            "other": part({other}),
            "echo": eq.prompt_echo(sample, items)}
     if cut:  # the same statements, cut to the budget
-        out.update({f"{k}_cut": cut(out[k]) for k in ("profile", "cause", "other")})
+        out.update({f"{k}_cut": cut(out[k]) for k in ("profile", "target_genres", "cause", "other")})
     return out
 
 
@@ -101,7 +101,7 @@ def main():
         print(f"| {k} | {out[k]['r_lc']:.4f} | [{ci[0]:.4f}, {ci[1]:.4f}] | {d.mean():+.4f} | "
               f"[{dci[0]:+.4f}, {dci[1]:+.4f}] |")
     if a.budget:  # the fair comparison under the budget: both statements cut to N tokens
-        for k in ("profile_cut", "other_cut"):
+        for k in ("profile_cut", "target_genres_cut", "other_cut"):
             d = r[k] - r["cause_cut"]
             ci = percentile_ci(d[B].mean(1))
             out[f"{k}_minus_cause_cut"] = {"mean": float(d.mean()), "ci": ci}

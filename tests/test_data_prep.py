@@ -224,3 +224,16 @@ def test_bad_input_keeps_existing_run_intact(raw, tmp_path):
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
     assert {p: p.read_bytes() for p in (run / "data").iterdir()} == before
     assert sorted(p.name for p in run.iterdir()) == ["data", "metrics.jsonl"]
+
+
+def test_synthetic_truth_gives_each_genre_taste_and_the_cause_is_the_largest():
+    # scripts/cause_information.py reads these contributions: the cause must be the item genre
+    # of largest |taste|, and the genres exactly the item's
+    args = data_prep.parse_args(["--run-dir", "unused", "--dataset", "synthetic", "--n-users", "30",
+                                 "--n-items", "20", "--n-interactions", "400"])
+    _, items, _, truth = data_prep.make_synthetic(args)
+    assert truth and any(len(c) == 2 for *_, c in truth.values())
+    for (u, i), (y, cause, p, c) in truth.items():
+        assert list(c) == items[i]["genres"]
+        assert abs(c[cause]) == max(abs(v) for v in c.values())
+        assert y in (0, 1) and 0 < p < 1

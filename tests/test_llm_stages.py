@@ -645,6 +645,6 @@ def test_reward_templates_cut_every_statement_to_the_same_budget():
     assert t["cause"] == "The user liked: Crime (1). The user disliked: none."
     assert t["other"] == "The user liked: Comedy (1). The user disliked: none."
     assert t["none"] is None and "Horror" in t["profile"]
-    assert (t["profile_cut"], t["cause_cut"], t["other_cut"]) == \
-        (cut(t["profile"]), cut(t["cause"]), cut(t["other"]))
+    assert (t["profile_cut"], t["target_genres_cut"], t["cause_cut"], t["other_cut"]) == \
+        (cut(t["profile"]), cut(t["target_genres"]), cut(t["cause"]), cut(t["other"]))
     assert "cause_cut" not in reward_templates.templates(s, items, popt)

@@ -15,6 +15,10 @@ from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parents[1])
 FAULTS = [
+ ("cause_taste_swapped", "scripts/cause_information.py", "(y, p, c[cause], next(v for g, v in c.items() if g != cause))", "(y, p, next(v for g, v in c.items() if g != cause), c[cause])",
+  "tests/test_data_prep.py::test_cause_information_pairs_the_cause_with_the_other_genre_of_2_genre_items"),
+ ("cause_smallest_taste", "data_prep.py", "int(np.argmax(np.abs(contrib)))", "int(np.argmin(np.abs(contrib)))",
+  "tests/test_data_prep.py::test_synthetic_truth_gives_each_genre_taste_and_the_cause_is_the_largest"),
  ("cause_cut_uncut", "scripts/reward_templates.py", "cut(out[k]) for k in (\"profile\", \"target_genres\", \"cause\", \"other\")", "(cut(out[k]) if k == \"profile\" else out[k]) for k in (\"profile\", \"target_genres\", \"cause\", \"other\")",
   "tests/test_llm_stages.py::test_reward_templates_cut_every_statement_to_the_same_budget"),
  ("upper_logprob_shift", "llm.py", "cols.to(self.device) - 1], head.weight,", "cols.to(self.device)], head.weight,",

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,3 +238,12 @@ def test_synthetic_truth_gives_each_genre_taste_and_the_cause_is_the_largest():
         assert list(c) == items[i]["genres"]
         assert abs(c[cause]) == max(abs(v) for v in c.values())
         assert y in (0, 1) and 0 < p < 1
+
+
+def test_cause_information_pairs_the_cause_with_the_other_genre_of_2_genre_items():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import cause_information
+    w = cause_information.world_rows("--n-users 30 --n-items 20 --n-interactions 400")
+    assert len(w["y"]) > 0 and set(np.unique(w["y"])) <= {0, 1}
+    assert np.all(np.abs(w["cause"]) >= np.abs(w["other"]))
+    assert np.any(w["cause"] != w["other"])

@@ -4,8 +4,9 @@ the suite (about 3 minutes); run it after changing a test or the code it guards:
 
     python scripts/check_tests_catch_faults.py [FAULT ...]
 
-Each fault is (name, file, exact old text, new text, tests that must fail); an old text that no
-longer occurs stops the script, so the list cannot silently drift from the code."""
+Each fault is (name, file, exact old text, new text, tests that must fail). An old text that no
+longer occurs is reported STALE and fails the run; tests/test_faults_list.py checks every entry
+against the code in the suite, so the list cannot silently drift from it."""
 import os
 import shutil
 import subprocess
@@ -78,13 +79,13 @@ FAULTS = [
  ("question_not_read", "common.py", "    return {\"style\": a.get(\"prompt_style\", \"items\"), \"question\": a.get(\"question\", \"paper\")}",
   "    return {\"style\": a.get(\"prompt_style\", \"items\"), \"question\": \"paper\"}",
   "tests/test_llm_stages.py::test_explainer_question_is_a_run_option_every_prompt_uses"),
- ("profile_echo_swapped", "stage1_sft.py", "    return [None if x < dropout else profile_echo(r, items, popt) if x < dropout + echo\n            else e[\"explanation\"]",
-  "    return [None if x < dropout else e[\"explanation\"] if x < dropout + echo\n            else profile_echo(r, items, popt)",
+ ("profile_echo_swapped", "stage1_sft.py", "    return [None if x < dropout else profile_echo(r, items, popt, k) if x < dropout + echo\n            else e[\"explanation\"]",
+  "    return [None if x < dropout else e[\"explanation\"] if x < dropout + echo\n            else profile_echo(r, items, popt, k)",
   "tests/test_llm_stages.py::test_profile_echo_puts_the_history_lines_in_the_explanation_slot"),
  ("cause_hit_any_named", "explanation_quality.py", "            h.append(c in named and not (named & gs) - {c})", "            h.append(c in named)",
   "tests/test_evaluate.py::test_cause_choice_needs_the_cause_alone_and_echo_baselines"),
- ("upper_layers_off_by_one", "llm.py", "        h = self._run_layers(h, mask, decoder.layers[first:end])",
-  "        h = self._run_layers(h, mask, decoder.layers[first + 1:end])",
+ ("upper_layers_off_by_one", "llm.py", "        return decoder.norm(self._run_layers(h, mask, decoder.layers[first:end]))",
+  "        return decoder.norm(self._run_layers(h, mask, decoder.layers[first + 1:end]))",
   "tests/test_llm_stages.py::test_top_layers_from_cached_lower_states_equal_the_full_forward"),
  ("answer_head_ignored", "llm.py", "        if self.active in self.heads:", "        if False:",
   "tests/test_llm_stages.py::test_answer_head_starts_at_the_untuned_answer_is_saved_and_only_the_scorer_uses_it"),
@@ -131,21 +132,34 @@ FAULTS = [
  ("echo_subsets_ignored", "stage1_sft.py", "profile_echo(r, items, popt, k) if x < dropout + echo", "profile_echo(r, items, popt) if x < dropout + echo",
   "tests/test_llm_stages.py::test_echo_subsets_state_part_of_the_profile_without_the_label"),
 ]
-only = sys.argv[1:]
-bad = 0
-for name, f, old, new, tests in FAULTS:
-    if only and name not in only:
-        continue
-    d = tempfile.mkdtemp(prefix=f"fault_{name}_")
-    shutil.rmtree(d)
-    shutil.copytree(SRC, d, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__"))
-    s = open(f"{d}/{f}").read()
-    assert old in s, (name, old[:50])
-    open(f"{d}/{f}", "w").write(s.replace(old, new))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests.split()],
-                       cwd=d, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=d))
-    last = [l for l in r.stdout.splitlines() if l.strip()][-1]
-    print(f"{name:28s} {'caught' if r.returncode else 'NOT CAUGHT'} | {last[:100]}", flush=True)
-    bad += r.returncode == 0
-    shutil.rmtree(d, ignore_errors=True)
-sys.exit(1 if bad else 0)
+
+def main():
+    only = sys.argv[1:]
+    unknown = sorted(set(only) - {f[0] for f in FAULTS})
+    if unknown:
+        sys.exit(f"check_tests_catch_faults.py: no fault named {', '.join(unknown)}")
+    bad = 0
+    for name, f, old, new, tests in FAULTS:
+        if only and name not in only:
+            continue
+        d = tempfile.mkdtemp(prefix=f"fault_{name}_")
+        shutil.rmtree(d)
+        shutil.copytree(SRC, d, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__"))
+        s = open(f"{d}/{f}").read()
+        if old not in s:  # the code moved on and the fault no longer applies: a failure, not a crash
+            print(f"{name:28s} STALE: {f} no longer contains {old[:60]!r}", flush=True)
+            bad += 1
+            shutil.rmtree(d, ignore_errors=True)
+            continue
+        open(f"{d}/{f}", "w").write(s.replace(old, new))
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests.split()],
+                           cwd=d, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=d))
+        last = [l for l in r.stdout.splitlines() if l.strip()][-1]
+        print(f"{name:28s} {'caught' if r.returncode else 'NOT CAUGHT'} | {last[:100]}", flush=True)
+        bad += r.returncode == 0
+        shutil.rmtree(d, ignore_errors=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

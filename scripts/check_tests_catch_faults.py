@@ -16,6 +16,9 @@ from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parents[1])
 FAULTS = [
+ ("probes_unpaired", "scripts/compare_probes.py", "    boot = {k: v[0][resample].mean(1) for k, v in files.items()}",
+  "    boot = {k: v[0][np.random.default_rng(len(k)).integers(0, len(A), size=(a.n_boot, len(A)))].mean(1) for k, v in files.items()}",
+  "tests/test_evaluate.py::test_compare_probes_pairs_two_policies_as_the_probe_curve_does"),
  ("cause_taste_swapped", "scripts/cause_information.py", "(y, p, c[cause], next(v for g, v in c.items() if g != cause))", "(y, p, next(v for g, v in c.items() if g != cause), c[cause])",
   "tests/test_data_prep.py::test_cause_information_pairs_the_cause_with_the_other_genre_of_2_genre_items"),
  ("cause_smallest_taste", "data_prep.py", "int(np.argmax(np.abs(contrib)))", "int(np.argmin(np.abs(contrib)))",

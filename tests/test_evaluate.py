@@ -415,3 +415,31 @@ def test_smoke_run_metrics_have_every_key(smoke_run_dir):
 ])
 def test_invented_titles_are_title_like_spans_matching_no_catalogue_title(text, invented):
     assert grounder().check({"iid": "1", "hist": []}, text)["invented"] is invented
+
+
+def test_compare_probes_pairs_two_policies_as_the_probe_curve_does(tmp_path, capsys):
+    """scripts/compare_probes.py (policy A vs B on the same probe prompts, possibly from two run
+    folders) gives the probe curve's paired Δ, CI and p on the same resamples, and refuses files
+    whose prompts or labels differ."""
+    import argparse
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("compare_probes", ROOT / "scripts" / "compare_probes.py")
+    cp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cp)
+    rng = np.random.default_rng(3)
+    (tmp_path / "probe").mkdir()
+    rows = [{"uid": str(g), "iid": str(100 + g), "group": g, "label": int(g % 2), "kl_ref": 0.0}
+            for g in range(12) for _ in range(4)]
+    for tag, shift in (("base", 0.0), ("iter_1", 0.05)):
+        common.write_jsonl(tmp_path / "probe" / f"{tag}.jsonl",
+                           [dict(r, r_lc=float(-0.7 + shift + rng.normal(0, 0.2))) for r in rows])
+    curve, _, notes = ev.probe_curve(common.RunPaths(tmp_path), [], argparse.Namespace(n_boot=300, seed=0))
+    assert not notes
+    cp.main(["--a", str(tmp_path / "probe" / "iter_1.jsonl"), "--b", str(tmp_path / "probe" / "base.jsonl"),
+             "--n-boot", "300", "--seed", "0"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("| A - B"))
+    d, lo, hi = curve[1]["delta"], *curve[1]["delta_ci"]
+    assert line == f"| A - B | {d:+.4f} [{lo:+.4f}, {hi:+.4f}] | {curve[1]['p_value']:.4f} |"
+    common.write_jsonl(tmp_path / "other.jsonl", [dict(r, r_lc=-0.7, label=1 - r["label"]) for r in rows])
+    with pytest.raises(common.ExpCTRError, match="other prompts, labels or groups"):
+        cp.main(["--a", str(tmp_path / "probe" / "base.jsonl"), "--b", str(tmp_path / "other.jsonl")])

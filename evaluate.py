@@ -118,6 +118,23 @@ def paired_p_value(boot_a, boot_b) -> float:
 
 
 # ---- algorithm: the reward probe, a learning curve on fixed held-out prompts ----------------------
+def read_probe(path) -> list:
+    """The rows of one probe file (R/probe/<tag>.jsonl), each checked for a numeric group, r_lc and label."""
+    rows = common.read_jsonl(path)
+    for i, r in enumerate(rows, 1):
+        if not all(isinstance(r.get(k), (int, float)) for k in ("group", "r_lc", "label")):
+            raise ExpCTRError(f"{path}:{i}: expected numeric 'group', 'r_lc' and 'label'")
+    return rows
+
+
+def prompt_means(rows, vals) -> np.ndarray:
+    """The mean of vals (one per row) over each prompt's K samples: one value per probe prompt
+    (the rows' 'group'), the unit the probe's bootstrap resamples."""
+    g = np.array([r["group"] for r in rows])
+    n = int(g.max()) + 1
+    return np.bincount(g, np.asarray(vals, float), n) / np.bincount(g, None, n)
+
+
 def probe_curve(paths: RunPaths, train, args) -> tuple[list, dict | None, list]:
     """Mean r_LC of every policy on R/probe/<tag>.jsonl (the same prompts, K and seed for each),
     with a 95% bootstrap CI over prompts (a prompt's K samples are resampled together), the
@@ -131,11 +148,7 @@ def probe_curve(paths: RunPaths, train, args) -> tuple[list, dict | None, list]:
         return [], None, []
     data, notes = {}, []
     for t in tags:
-        rows = common.read_jsonl(files[t])
-        for i, r in enumerate(rows, 1):
-            if not all(isinstance(r.get(k), (int, float)) for k in ("group", "r_lc", "label")):
-                raise ExpCTRError(f"{files[t]}:{i}: expected numeric 'group', 'r_lc' and 'label'")
-        data[t] = rows
+        data[t] = read_probe(files[t])
     key = lambda rows: [(r["uid"], r["iid"], r["group"]) for r in rows]
     ref = key(data[tags[0]])
     for t in tags[1:]:
@@ -143,13 +156,11 @@ def probe_curve(paths: RunPaths, train, args) -> tuple[list, dict | None, list]:
             notes.append(f"probe/{t}.jsonl has other prompts than probe/{tags[0]}.jsonl: left out "
                          "(not like with like; rerun with --probe {t} --force)")
             tags.remove(t)
-    groups = np.array([r["group"] for r in data[tags[0]]])
-    n_groups = int(groups.max()) + 1
-    per_group = lambda vals: np.bincount(groups, vals, n_groups) / np.bincount(groups, None, n_groups)
+    means = {t: prompt_means(data[t], [r["r_lc"] for r in data[t]]) for t in tags}
+    n_groups = len(means[tags[0]])
     rng = np.random.default_rng(args.seed)
     resample = rng.integers(0, n_groups, size=(args.n_boot, n_groups))
     boot = lambda g: g[resample].mean(1)
-    means = {t: per_group(np.array([r["r_lc"] for r in data[t]], float)) for t in tags}
     out = []
     for t in tags:
         g = means[t]
@@ -157,15 +168,15 @@ def probe_curve(paths: RunPaths, train, args) -> tuple[list, dict | None, list]:
                "n": len(data[t]), "r_lc": float(g.mean()), "r_lc_ci": percentile_ci(boot(g)),
                "kl_ref": float(np.mean([r.get("kl_ref") or 0.0 for r in data[t]]))}
         if t != tags[0]:
-            d = boot(g) - boot(means[tags[0]])
-            row.update(delta=float(g.mean() - means[tags[0]].mean()), delta_ci=percentile_ci(d),
-                       p_value=float((1 + (d <= 0).sum()) / (len(d) + 1)))
+            ba, bb = boot(g), boot(means[tags[0]])
+            row.update(delta=float(g.mean() - means[tags[0]].mean()), delta_ci=percentile_ci(ba - bb),
+                       p_value=paired_p_value(ba, bb))
         out.append(row)
     const = None
     if train:
         prior = float(np.mean([s["label"] for s in train]))
         y = np.array([r["label"] for r in data[tags[0]]], float)
-        g = per_group(y * math.log(prior) + (1 - y) * math.log1p(-prior))
+        g = prompt_means(data[tags[0]], y * math.log(prior) + (1 - y) * math.log1p(-prior))
         const = {"tag": "constant", "prior": prior, "r_lc": float(g.mean()), "r_lc_ci": percentile_ci(boot(g))}
     return out, const, notes
 

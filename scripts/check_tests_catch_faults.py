@@ -145,15 +145,14 @@ def main():
     for name, f, old, new, tests in FAULTS:
         if only and name not in only:
             continue
-        d = tempfile.mkdtemp(prefix=f"fault_{name}_")
-        shutil.rmtree(d)
-        shutil.copytree(SRC, d, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__"))
-        s = open(f"{d}/{f}").read()
+        s = open(f"{SRC}/{f}").read()
         if old not in s:  # the code moved on and the fault no longer applies: a failure, not a crash
             print(f"{name:28s} STALE: {f} no longer contains {old[:60]!r}", flush=True)
             bad += 1
-            shutil.rmtree(d, ignore_errors=True)
             continue
+        d = tempfile.mkdtemp(prefix=f"fault_{name}_")
+        shutil.rmtree(d)
+        shutil.copytree(SRC, d, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__"))
         open(f"{d}/{f}", "w").write(s.replace(old, new))
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests.split()],
                            cwd=d, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=d))

@@ -18,24 +18,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
 from common import ExpCTRError  # noqa: E402
+from evaluate import paired_p_value, prompt_means, read_probe  # noqa: E402
 from metrics import percentile_ci  # noqa: E402
 
 
 def per_prompt(path: str, ref_key=None):
-    """(mean r_LC per prompt group, key of the rows, mean KL to the reference) of one probe file."""
-    rows = common.read_jsonl(Path(path))
-    for i, r in enumerate(rows, 1):
-        if not all(isinstance(r.get(k), (int, float)) for k in ("group", "r_lc", "label")):
-            raise ExpCTRError(f"{path}:{i}: expected numeric 'group', 'r_lc' and 'label'")
+    """(mean r_LC per probe prompt, key of the rows, mean KL to the reference) of one probe file;
+    with ref_key, the file must hold the same prompts, labels and groups in the same order."""
+    rows = read_probe(Path(path))
     key = [(r["uid"], r["iid"], r["group"], r["label"]) for r in rows]
     if ref_key is not None and key != ref_key:
         raise ExpCTRError(f"{path}: other prompts, labels or groups than the first file: not like with like")
-    g = np.array([r["group"] for r in rows])
-    n = int(g.max()) + 1
-    vals = np.array([r["r_lc"] for r in rows], float)
-    means = np.bincount(g, vals, n) / np.bincount(g, None, n)
+    means = prompt_means(rows, [r["r_lc"] for r in rows])
     return means, key, float(np.mean([r.get("kl_ref") or 0.0 for r in rows]))
 
 
@@ -65,9 +60,8 @@ def main(argv=None):
     print("\n| difference | Δ mean r_LC [95% CI] | p (one-sided, H1: Δ > 0) |\n|---|---|---|")
     pairs = [(a.name_a, a.name_b)] + ([(a.name_a, "base"), (a.name_b, "base")] if a.base else [])
     for x, y in pairs:
-        d = boot[x] - boot[y]
-        lo, hi = percentile_ci(d)
-        pv = (1 + (d <= 0).sum()) / (len(d) + 1)
+        lo, hi = percentile_ci(boot[x] - boot[y])
+        pv = paired_p_value(boot[x], boot[y])
         print(f"| {x} - {y} | {files[x][0].mean() - files[y][0].mean():+.4f} [{lo:+.4f}, {hi:+.4f}] | {pv:.4f} |")
 
 

@@ -154,7 +154,7 @@ def probe_curve(paths: RunPaths, train, args) -> tuple[list, dict | None, list]:
     for t in tags[1:]:
         if key(data[t]) != ref:
             notes.append(f"probe/{t}.jsonl has other prompts than probe/{tags[0]}.jsonl: left out "
-                         "(not like with like; rerun with --probe {t} --force)")
+                         f"(not like with like; rerun with --probe {t} --force)")
             tags.remove(t)
     means = {t: prompt_means(data[t], [r["r_lc"] for r in data[t]]) for t in tags}
     n_groups = len(means[tags[0]])

@@ -443,3 +443,15 @@ def test_compare_probes_pairs_two_policies_as_the_probe_curve_does(tmp_path, cap
     common.write_jsonl(tmp_path / "other.jsonl", [dict(r, r_lc=-0.7, label=1 - r["label"]) for r in rows])
     with pytest.raises(common.ExpCTRError, match="other prompts, labels or groups"):
         cp.main(["--a", str(tmp_path / "probe" / "base.jsonl"), "--b", str(tmp_path / "other.jsonl")])
+
+
+def test_probe_curve_leaves_out_a_policy_probed_on_other_prompts_and_says_how_to_redo_it(tmp_path):
+    import argparse
+    (tmp_path / "probe").mkdir()
+    rows = [{"uid": str(g), "iid": str(100 + g), "group": g, "label": 1, "r_lc": -0.5, "kl_ref": 0.0}
+            for g in range(3) for _ in range(2)]
+    common.write_jsonl(tmp_path / "probe" / "base.jsonl", rows)
+    common.write_jsonl(tmp_path / "probe" / "iter_1.jsonl", [dict(r, iid="7") for r in rows])
+    curve, _, notes = ev.probe_curve(common.RunPaths(tmp_path), [], argparse.Namespace(n_boot=50, seed=0))
+    assert [r["tag"] for r in curve] == ["base"]
+    assert len(notes) == 1 and "rerun with --probe iter_1 --force" in notes[0]

@@ -90,6 +90,11 @@ def parse_args(argv=None):
                         "drawn per sample without the label [ours; prompt style genres]: teaches "
                         "the scorer to read a statement about one or two genres, so that r_LC can "
                         "tell which genre an explanation names (scripts/reward_templates.py)")
+    p.add_argument("--echo-from", choices=("catalogue", "target"), default="catalogue",
+                   help="what an --echo-subsets text draws its genres from: catalogue = a proper "
+                        "subset of all genres; target = a non-empty subset of the target's own "
+                        "genres (size uniform in 1..its genre count), the statement an explainer "
+                        "can fit in a short budget when the catalogue has many genres [ours]")
     p.add_argument("--select-on", choices=("with_expl", "last"), default="with_expl",
                    help="which epoch's adapter is kept: the best valid AUC with explanations "
                         "(early stopping, --patience), or the last epoch")
@@ -160,15 +165,32 @@ def profile_echo(sample: dict, items: dict, popt: dict, keep: set[str] | None = 
     return common.history_lines(sample, items, popt["style"], keep).replace("\n", " ")
 
 
-def genre_subsets(n: int, genres: list[str], share: float, seed: int) -> list[set[str] | None]:
+def genre_subsets(n: int, genres: list[str], share: float, seed: int,
+                  pools: list[list[str]] | None = None) -> list[set[str] | None]:
     """[ours] --echo-subsets: per sample, None (the whole profile) or, with probability `share`,
-    a random non-empty proper subset of the catalogue's genres (size uniform in 1..G-1). Drawn
-    from its own stream, so share 0 leaves every other draw of SFT as it was."""
-    if share <= 0 or len(genres) < 2:
+    a random non-empty proper subset of the catalogue's genres (size uniform in 1..G-1), or with
+    pools (--echo-from target: pools[i] = sample i's target genres) a non-empty subset of pools[i]
+    (size uniform in 1..len(pools[i])). Drawn from its own stream, so share 0 leaves every other
+    draw of SFT as it was. Neither draw sees the label."""
+    if share <= 0 or (pools is None and len(genres) < 2):
         return [None] * n
     rng = np.random.default_rng([seed, 5])
-    return [set(rng.choice(genres, rng.integers(1, len(genres)), replace=False).tolist())
-            if rng.random() < share else None for _ in range(n)]
+    out = []
+    for i in range(n):
+        pool, hi = (genres, len(genres) - 1) if pools is None else (pools[i], len(pools[i]))
+        chosen = rng.random() < share  # drawn first, the subset only when chosen
+        out.append(set(rng.choice(pool, rng.integers(1, hi + 1), replace=False).tolist())
+                   if chosen and hi else None)
+    return out
+
+
+def echo_keep(rows: list[dict], items: dict, share: float, seed: int,
+              of: str = "catalogue") -> list[set[str] | None]:
+    """genre_subsets for the train rows: of = --echo-from (catalogue: the catalogue's genres;
+    target: each row's own target genres)."""
+    pools = [sorted(items[r["iid"]].get("genres", [])) for r in rows] if of == "target" else None
+    return genre_subsets(len(rows), sorted({g for it in items.values() for g in it.get("genres", [])}),
+                         share, seed, pools)
 
 
 def train_texts(rows, ex, items, popt, u, dropout: float, echo: float,
@@ -239,8 +261,7 @@ def train(args, paths: RunPaths, model: str, world):
     if args.echo_subsets and popt["style"] != "genres":
         raise ExpCTRError(f"--echo-subsets needs prompt style 'genres' (data_prep.py --prompt-style), "
                           f"not {popt['style']!r}")
-    keep = genre_subsets(len(tr_rows), sorted({g for it in items.values() for g in it.get("genres", [])}),
-                         args.echo_subsets, args.seed)
+    keep = echo_keep(tr_rows, items, args.echo_subsets, args.seed, args.echo_from)
     tr_text = train_texts(tr_rows, tr_ex, items, popt, rng.random(len(tr_rows)),
                           args.expl_dropout, args.profile_echo, keep)
     tr_seqs = [bundle.scorer_ids(common.build_prompt(r, items, **popt), x, common.target_text(r, items))
@@ -344,6 +365,7 @@ def train(args, paths: RunPaths, model: str, world):
                "valid_auc_no_expl": best_row["valid_auc_no_expl"], "best_epoch": best_row["epoch"],
                "valid_auc_profile_echo": best_row.get("valid_auc_profile_echo"),
                "profile_echo": args.profile_echo, "echo_subsets": args.echo_subsets,
+               "echo_from": args.echo_from,
                "epochs_run": len(history), "n_train": len(tr_rows), "n_valid": len(va_rows),
                "expl_tag": args.expl_tag, "expl_dropout": args.expl_dropout, "lr": args.lr,
                "lora": {"r": args.lora_r, "targets": list(targets), "top_layers": args.lora_layers},

@@ -63,6 +63,9 @@ def main():
     p.add_argument("--run-dir", required=True)
     p.add_argument("--bench", default=None, help="the ID-CTR benchmark run folder, if any")
     p.add_argument("--reading", default=None, help="markdown file: the person's reading of the run")
+    p.add_argument("--origin", default="from a clean `runs/`",
+                   help="how the run folder came to be, if not from a clean runs/ (e.g. which "
+                        "steps were reused from an earlier run)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     R, out = Path(a.run_dir), Path(a.out)
@@ -71,7 +74,7 @@ def main():
     if a.bench:
         total += sum(float(r["seconds"] or 0) for r in evaluate.step_timings(common.RunPaths(a.bench)))
     L = [f"# Results of one real `./run.sh --preset {info['preset']}`", "",
-         f"Produced by `./run.sh --preset {info['preset']}` from a clean `runs/`, then "
+         f"Produced by `./run.sh --preset {info['preset']}` {a.origin}, then "
          f"`python scripts/results_doc.py` (this file; nothing below was edited by hand except the "
          f"reading). Machine: **{machine()}**. Sum of the steps' wall times: **{total:.0f} s "
          f"({total / 60:.1f} min)**. Settings: `run.sh` preset `{info['preset']}`, model "

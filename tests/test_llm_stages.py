@@ -499,6 +499,28 @@ def test_echo_subsets_state_part_of_the_profile_without_the_label():
     with pytest.raises(common.ExpCTRError, match="genres"):
         common.history_lines(rows[0], items, "items", {"Crime"})
 
+def test_echo_from_target_states_only_genres_of_the_target():
+    """--echo-from target: each chosen subset is a non-empty subset of that sample's own target
+    genres (both sizes of a 2-genre target occur), the same for the same seed, independent of the
+    label; --echo-from catalogue is genre_subsets over the catalogue as before."""
+    items = {"2": {"iid": "2", "title": "Heat", "genres": ["Crime"]},
+             "3": {"iid": "3", "title": "Up", "genres": ["Comedy", "Crime"]},
+             "4": {"iid": "4", "title": "Jaws", "genres": ["Horror"]},
+             "5": {"iid": "5", "title": "Odd", "genres": ["Action", "Drama", "Horror"]}}
+    rows = [{"uid": str(u), "iid": "2345"[u % 4], "label": u % 2, "ts": 0, "hist": []}
+            for u in range(400)]
+    keep = stage1_sft.echo_keep(rows, items, 0.6, 3, "target")
+    assert keep == stage1_sft.echo_keep([dict(r, label=1 - r["label"]) for r in rows], items, 0.6, 3,
+                                        "target")
+    chosen = [(r, k) for r, k in zip(rows, keep) if k is not None]
+    assert 190 < len(chosen) < 290
+    assert all(k and k <= set(items[r["iid"]]["genres"]) for r, k in chosen)
+    assert {len(k) for r, k in chosen if r["iid"] == "3"} == {1, 2}
+    assert {len(k) for r, k in chosen if r["iid"] == "5"} == {1, 2, 3}
+    catalogue = sorted({g for it in items.values() for g in it["genres"]})
+    assert stage1_sft.echo_keep(rows, items, 0.6, 3) == stage1_sft.genre_subsets(400, catalogue, 0.6, 3)
+
+
 def _scorer_with_top_layer_lora_and_head(seed: int = 0, answer_layer: int = 0) -> llm.LLM:
     """Tiny model, scorer LoRA in the top layer only with random B, and a perturbed answer head."""
     b = llm.LLM("tiny", "float32")

@@ -255,6 +255,35 @@ def test_cause_choice_needs_the_cause_alone_and_echo_baselines():
     assert cc["aligned_minus_base"]["delta"] == 0.5
 
 
+def test_cause_choice_script_scores_a_split_from_the_run_folder_and_refuses_other_rows(tmp_path, capsys):
+    """scripts/cause_choice.py reads R/data/<split>.jsonl and both tags' explanations of it and
+    gives explanation_quality.cause_choice's table; explanations of other samples are refused."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cause_choice", ROOT / "scripts" / "cause_choice.py")
+    cs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cs)
+    items = [{"iid": "1", "title": "Toy Story (1995)", "genres": ["Animation", "Comedy"]},
+             {"iid": "2", "title": "Heat (1995)", "genres": ["Action", "Crime"]}]
+    valid = [{"uid": "u", "iid": "1", "label": 1, "hist": [], "cause": "Comedy"},
+             {"uid": "v", "iid": "2", "label": 0, "hist": [], "cause": "Crime"}]
+    (tmp_path / "data").mkdir()
+    common.write_jsonl(tmp_path / "data" / "items.jsonl", items)
+    common.write_jsonl(tmp_path / "data" / "valid.jsonl", valid)
+    for tag, texts in (("base", ["An animated comedy.", "A crime film."]),
+                       ("iter_2", ["They love comedies.", "They dislike crime films."])):
+        (tmp_path / "explanations" / tag).mkdir(parents=True)
+        common.write_jsonl(tmp_path / "explanations" / tag / "valid.jsonl",
+                           [dict(s, explanation=t) for s, t in zip(valid, texts)])
+    cc = cs.main(["--run-dir", str(tmp_path), "--aligned", "iter_2", "--n-boot", "50"])
+    assert cc["n"] == 2 and cc["base"]["cause_hit"] == 0.5 and cc["aligned"]["cause_hit"] == 1.0
+    assert cc["base"]["wrong_genre"] == 0.5 and cc["aligned_minus_base"]["delta"] == 0.5
+    assert "| aligned | 1.0000" in capsys.readouterr().out
+    common.write_jsonl(tmp_path / "explanations" / "iter_2" / "valid.jsonl",
+                       [dict(s, explanation="x") for s in valid[::-1]])
+    with pytest.raises(common.ExpCTRError, match="not those of data/valid.jsonl"):
+        cs.main(["--run-dir", str(tmp_path), "--aligned", "iter_2"])
+
+
 def test_shuffle_drop_averages_permutations_and_their_spread_widens_the_ci():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)

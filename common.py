@@ -392,6 +392,22 @@ def load_items(paths: RunPaths) -> dict[str, dict]:
     return {r["iid"]: r for r in rows}
 
 
+def load_explanations(paths: RunPaths, tag: str, split: str, rows: list[dict]) -> list[dict]:
+    """R/explanations/<tag>/<split>.jsonl, checked row by row against the split's samples."""
+    f = paths.require(paths.explanations(tag, split), f"python stage2_reward.py --run-dir "
+                      f"{paths.root} --split {split} --tag {tag}")
+    ex = read_jsonl(f)
+    if len(ex) != len(rows) or any(e.get("uid") != r["uid"] or e.get("iid") != r["iid"]
+                                   for e, r in zip(ex, rows)):
+        raise ExpCTRError(f"{f} is not row-aligned with {paths.split(split)}: rerun "
+                          f"`python stage2_reward.py --run-dir {paths.root} --split {split} "
+                          f"--tag {tag} --force`")
+    for i, e in enumerate(ex, 1):
+        if not isinstance(e.get("explanation"), str):
+            raise ExpCTRError(f"{f}:{i}: field 'explanation' should be a string")
+    return ex
+
+
 def in_store(paths: RunPaths, split: str) -> bool:
     """Whether data_prep.py wrote `split` into the columnar store data/store/ (not as JSONL)."""
     f = paths.data / "store" / "store.json"

@@ -96,6 +96,20 @@ def fmt(x, d=4):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
 
 
+def cause_choice_md(cc: dict) -> list[str]:
+    """Markdown of explanation_quality.cause_choice's result: the table and the paired deltas."""
+    L = ["| explanations | cause hit [95% CI] | names a wrong genre |", "|---|---|---|"]
+    for k in ("base", "aligned", "echo_all_genres", "echo_first_genre"):
+        if k in cc:
+            L.append(f"| {k} | {fmt(cc[k]['cause_hit'])} [{fmt(cc[k]['cause_hit_ci'][0])}, "
+                     f"{fmt(cc[k]['cause_hit_ci'][1])}] | {fmt(cc[k]['wrong_genre'])} |")
+    for k, d in cc.items():
+        if k.startswith("aligned_minus_"):
+            L.append(f"- {k}: Δ {fmt(d['delta'])} [{fmt(d['ci'][0])}, {fmt(d['ci'][1])}], "
+                     f"p = {fmt(d['p_value'])} (paired bootstrap, one-sided)")
+    return L
+
+
 def auc_cell(r):
     return "not run" if r["status"] != "ok" else \
         f"{fmt(r['auc'])} [{fmt(r['auc_ci'][0])}, {fmt(r['auc_ci'][1])}]"
@@ -205,15 +219,7 @@ def report_md(m, examples, plots, plot_note, ppo) -> str:
         L += ["", f"**Cause choice** (synthetic; {cc['n']} test targets with >= 2 genres): hit = names "
               "the planted cause and no other genre of the target; wrong = names a target genre that "
               "is not the cause; the echo rows are prompt-echo baselines (restate the target's genres).",
-              "", "| explanations | cause hit [95% CI] | names a wrong genre |", "|---|---|---|"]
-        for k in ("base", "aligned", "echo_all_genres", "echo_first_genre"):
-            if k in cc:
-                L.append(f"| {k} | {fmt(cc[k]['cause_hit'])} [{fmt(cc[k]['cause_hit_ci'][0])}, "
-                         f"{fmt(cc[k]['cause_hit_ci'][1])}] | {fmt(cc[k]['wrong_genre'])} |")
-        for k, d in cc.items():
-            if k.startswith("aligned_minus_"):
-                L.append(f"- {k}: Δ {fmt(d['delta'])} [{fmt(d['ci'][0])}, {fmt(d['ci'][1])}], "
-                         f"p = {fmt(d['p_value'])} (paired bootstrap, one-sided)")
+              ""] + cause_choice_md(cc)
     L += ["", "## 3. Plots", ""]
     L += [f"![{p}]({p})" for p in plots] or [f"Plots skipped: {plot_note}."]
     L += ["", "**Reward probe** (the learning curve): mean r_LC of each policy on the same held-out "

@@ -204,21 +204,6 @@ def train_texts(rows, ex, items, popt, u, dropout: float, echo: float,
 
 
 # ---- plumbing: inputs ---------------------------------------------------------------------
-def load_explanations(paths: RunPaths, tag: str, split: str, rows: list[dict]) -> list[dict]:
-    f = paths.require(paths.explanations(tag, split), f"python stage2_reward.py --run-dir "
-                      f"{paths.root} --split {split} --tag {tag}")
-    ex = common.read_jsonl(f)
-    if len(ex) != len(rows) or any(e.get("uid") != r["uid"] or e.get("iid") != r["iid"]
-                                   for e, r in zip(ex, rows)):
-        raise ExpCTRError(f"{f} is not row-aligned with {paths.split(split)}: rerun "
-                          f"`python stage2_reward.py --run-dir {paths.root} --split {split} "
-                          f"--tag {tag} --force`")
-    for i, e in enumerate(ex, 1):
-        if not isinstance(e.get("explanation"), str):
-            raise ExpCTRError(f"{f}:{i}: field 'explanation' should be a string")
-    return ex
-
-
 def train(args, paths: RunPaths, model: str, world):
     if (paths.scorer / "metrics.json").exists() and not args.force:
         trained_on = common.read_json(paths.scorer / "expctr.json").get("model")
@@ -233,8 +218,8 @@ def train(args, paths: RunPaths, model: str, world):
     if args.expl_tag == "none":  # the scorer alone (TALLRec): every sample without explanation
         tr_ex, va_ex = ([{"explanation": None}] * len(rows) for rows in (tr_rows, va_rows))
     else:
-        tr_ex = load_explanations(paths, args.expl_tag, "train", tr_rows)
-        va_ex = load_explanations(paths, args.expl_tag, "valid", va_rows)
+        tr_ex = common.load_explanations(paths, args.expl_tag, "train", tr_rows)
+        va_ex = common.load_explanations(paths, args.expl_tag, "valid", va_rows)
     if args.max_train:
         tr_rows, tr_ex = tr_rows[:args.max_train], tr_ex[:args.max_train]
     common.set_seed(args.seed)
@@ -406,7 +391,7 @@ def predict(args, paths: RunPaths, model: str, world):
                 variants.append([None] * len(rows))
                 owner.append((tag, None))
                 continue
-            expls = [e["explanation"] for e in load_explanations(paths, tag, split, rows)]
+            expls = [e["explanation"] for e in common.load_explanations(paths, tag, split, rows)]
             variants.append(expls)
             owner.append((tag, None))
             for j in range(args.shuffles):

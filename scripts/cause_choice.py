@@ -18,15 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 import explanation_quality as eq  # noqa: E402
-
-
-def texts_of(R: Path, tag: str, split: str, samples: list[dict]) -> dict[int, str]:
-    """The tag's explanations of the split, by sample index; refuses a file of other samples."""
-    path = R / "explanations" / tag / f"{split}.jsonl"
-    rows = common.read_jsonl(path)
-    if [(r["uid"], r["iid"]) for r in rows] != [(s["uid"], s["iid"]) for s in samples]:
-        raise common.ExpCTRError(f"{path}: its (uid, iid) rows are not those of data/{split}.jsonl")
-    return {i: r["explanation"] for i, r in enumerate(rows)}
+from report import cause_choice_md  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -40,21 +32,17 @@ def main(argv=None) -> dict:
     p.add_argument("--min-title-chars", type=int, default=8, help="as evaluate.py's")
     p.add_argument("--min-ground-chars", type=int, default=4, help="as evaluate.py's")
     a = p.parse_args(argv)
-    R = Path(a.run_dir)
-    items = {r["iid"]: r for r in common.read_jsonl(R / "data" / "items.jsonl")}
-    samples = common.read_jsonl(R / "data" / f"{a.split}.jsonl")
-    texts = {"base": texts_of(R, a.base, a.split, samples), "aligned": texts_of(R, a.aligned, a.split, samples)}
+    paths = common.RunPaths(a.run_dir)
+    items, samples = common.load_items(paths), common.load_split(paths, a.split)
+    texts = {k: {i: e["explanation"] for i, e in
+                 enumerate(common.load_explanations(paths, tag, a.split, samples))}
+             for k, tag in (("base", a.base), ("aligned", a.aligned))}
     cc = eq.cause_choice(samples, items, texts, a)
     if not cc:
-        raise common.ExpCTRError(f"{R}/data/{a.split}.jsonl: no sample with a cause and >= 2 target genres")
-    print(f"cause choice on {a.split}, {cc['n']} targets with >= 2 genres ({R}; base = {a.base}, "
-          f"aligned = {a.aligned})\n\n| explanations | cause hit [95% CI] | names a wrong genre |\n|---|---|---|")
-    for k in ("base", "aligned", "echo_all_genres", "echo_first_genre"):
-        lo, hi = cc[k]["cause_hit_ci"]
-        print(f"| {k} | {cc[k]['cause_hit']:.4f} [{lo:.4f}, {hi:.4f}] | {cc[k]['wrong_genre']:.4f} |")
-    for k in (k for k in cc if k.startswith("aligned_minus_")):
-        d, (lo, hi) = cc[k]["delta"], cc[k]["ci"]
-        print(f"- {k}: Δ {d:+.4f} [{lo:+.4f}, {hi:+.4f}], p = {cc[k]['p_value']:.4f} (paired bootstrap, one-sided)")
+        raise common.ExpCTRError(f"{paths.split(a.split)}: no sample with a cause and >= 2 target genres")
+    print(f"cause choice on {a.split}, {cc['n']} targets with >= 2 genres ({paths.root}; "
+          f"base = {a.base}, aligned = {a.aligned})\n")
+    print("\n".join(cause_choice_md(cc)))
     return cc
 
 

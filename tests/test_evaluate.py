@@ -264,8 +264,8 @@ def test_cause_choice_script_scores_a_split_from_the_run_folder_and_refuses_othe
     spec.loader.exec_module(cs)
     items = [{"iid": "1", "title": "Toy Story (1995)", "genres": ["Animation", "Comedy"]},
              {"iid": "2", "title": "Heat (1995)", "genres": ["Action", "Crime"]}]
-    valid = [{"uid": "u", "iid": "1", "label": 1, "hist": [], "cause": "Comedy"},
-             {"uid": "v", "iid": "2", "label": 0, "hist": [], "cause": "Crime"}]
+    valid = [{"uid": "u", "iid": "1", "label": 1, "ts": 1, "hist": [], "cause": "Comedy"},
+             {"uid": "v", "iid": "2", "label": 0, "ts": 2, "hist": [], "cause": "Crime"}]
     (tmp_path / "data").mkdir()
     common.write_jsonl(tmp_path / "data" / "items.jsonl", items)
     common.write_jsonl(tmp_path / "data" / "valid.jsonl", valid)
@@ -280,7 +280,7 @@ def test_cause_choice_script_scores_a_split_from_the_run_folder_and_refuses_othe
     assert "| aligned | 1.0000" in capsys.readouterr().out
     common.write_jsonl(tmp_path / "explanations" / "iter_2" / "valid.jsonl",
                        [dict(s, explanation="x") for s in valid[::-1]])
-    with pytest.raises(common.ExpCTRError, match="not those of data/valid.jsonl"):
+    with pytest.raises(common.ExpCTRError, match="is not row-aligned with"):
         cs.main(["--run-dir", str(tmp_path), "--aligned", "iter_2"])
 
 

@@ -499,6 +499,7 @@ def test_echo_subsets_state_part_of_the_profile_without_the_label():
     with pytest.raises(common.ExpCTRError, match="genres"):
         common.history_lines(rows[0], items, "items", {"Crime"})
 
+
 def test_echo_from_target_states_only_genres_of_the_target():
     """--echo-from target: each chosen subset is a non-empty subset of that sample's own target
     genres (both sizes of a 2-genre target occur), the same for the same seed, independent of the

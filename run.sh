@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ExpCTR end to end: data -> ID-CTR models -> scorer -> PPO (LC) -> ExpCTR-Aug -> PPO (IC) -> eval.
 #
-#   ./run.sh [--preset smoke|quick|planted|planted-cause|paper] [--runs-dir DIR] [--rounds N] [--nproc N]
+#   ./run.sh [--preset smoke|quick|planted|planted-cause|planted12|paper] [--runs-dir DIR] [--rounds N] [--nproc N]
 #
 # --nproc N: the training stages (train_ctr, stage1_sft, stage2_reward, stage3_rl) run as
 # `torchrun --standalone --nproc-per-node N` (parallel.py: data-parallel training, chunked
@@ -18,6 +18,9 @@
 #          (docs/results-planted.md is one such run)
 #   planted-cause  planted with --echo-subsets 0.5 and 16-token explanations (docs/reward-templates.md;
 #          one run: docs/results-planted-cause.md, a negative result) -> DIR/planted-cause/
+#   planted12  a 12-genre planted world, where naming the cause alone carries nearly all of the
+#          click (issue 9, target 5); the scorer reads target-genre echoes -> DIR/planted12/
+#          (docs/results-planted12.md)
 #   paper  one GPU: larger splits and iteration counts; every option = the scripts' defaults -> DIR/paper/
 #
 # The schedule (docs/PAPER_NOTES.md §5; file layout in common.py); every line is a command a reader can type,
@@ -54,7 +57,7 @@ while [ $# -gt 0 ]; do
     --runs-dir) RUNS_DIR="$2"; shift 2 ;;
     --rounds) ROUNDS="$2"; shift 2 ;;
     --nproc) NPROC="$2"; shift 2 ;;
-    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see ./run.sh --help)" >&2; exit 2 ;;
   esac
 done

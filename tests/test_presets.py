@@ -81,3 +81,16 @@ def test_run_sh_nproc_launches_the_training_stages_under_torchrun(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == ("error: --nproc two: expected a whole "
                                                       "number >= 1")
     assert not any(tmp_path.iterdir())
+
+
+def test_run_sh_help_names_every_preset_and_the_whole_schedule():
+    """./run.sh --help is the header comment up to the code: each presets/*.toml (but the GPU
+    check's) is listed in the usage line and described, and the schedule's last step is there."""
+    r = subprocess.run(["bash", str(ROOT / "run.sh"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and all(l.startswith("#") for l in r.stdout.splitlines())
+    usage = next(l for l in r.stdout.splitlines() if "./run.sh [--preset " in l)
+    listed = usage.split("[--preset ")[1].split("]")[0].split("|")
+    assert listed == [n for n in listed if n in presets.names()]
+    for name in set(presets.names()) - {"gpu-check"}:  # gpu-check: scripts/gpu_check.sh runs it
+        assert name in listed and f"#   {name}  " in r.stdout, name
+    assert "python evaluate.py" in r.stdout and "Per-step wall times" in r.stdout

@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
     --cpu-dry-run) DRY=1; shift ;;
     --out) OUT="$2"; shift 2 ;;
     --runs-dir) RUNS_DIR="$2"; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see scripts/gpu_check.sh --help)" >&2; exit 2 ;;
   esac
 done

@@ -23,6 +23,7 @@ import numpy as np
 
 from metrics import auc, percentile_ci
 
+
 # ---- algorithm: explanation text --------------------------------------------------------------
 def norm_tokens(text: str) -> list:
     """Lower-case ASCII word tokens (accents stripped, punctuation dropped)."""

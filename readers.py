@@ -24,10 +24,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import common
 from common import ExpCTRError
+
 
 class Interactions:
     """The raw interactions as columns, in file order: uid and iid as codes into string tables

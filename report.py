@@ -15,6 +15,7 @@ import common
 from explanation_quality import STANCE_RULES
 from metrics import auc
 
+
 # ---- plumbing: plots (matplotlib is optional, imported lazily) --------------------------------
 def pyplot():
     try:
@@ -284,4 +285,3 @@ def examples_md(test, items, texts_base, texts_al, p_base, p_al, n, seed) -> lis
                 f"posthoc p = {pb}, ExpCTR-LLM p = {pa}", "",
                 f"- base: {clean(texts_base[i])}", f"- aligned: {clean(texts_al[i])}", ""]
     return out
-

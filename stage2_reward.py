@@ -124,8 +124,8 @@ def lc_reward(bundle: llm.LLM, prompts: list[str], expls: list[str], labels: lis
 @functools.lru_cache(maxsize=1)
 def aug_model(aug_dir: str):
     """The ExpCTR-Aug checkpoint, loaded once per process (ic_reward runs once per chunk)."""
-    import train_ctr
-    return train_ctr.load_checkpoint(aug_dir)
+    import ctr_models
+    return ctr_models.load_checkpoint(aug_dir)
 
 
 def ic_reward(aug_dir: str, samples: list[dict], emb: np.ndarray) -> np.ndarray:

@@ -1,10 +1,11 @@
-"""ID-based CTR models (DeepFM, DCNv2, DIN, popularity, logistic regression) and ExpCTR-Aug.
+"""Training of the ID-based CTR models (DeepFM, DCNv2, DIN, popularity, logistic regression) and ExpCTR-Aug.
 
 Paper part: the "traditional ID-based CTR model" of IC alignment and Phase 2 (paper Stage 2), "CTR
 model training with textual features" (PAPER_NOTES.md §3, §5): with --text-emb the explanation embedding of each
 sample is projected (LayerNorm + Linear to emb_dim) and concatenated with the ID feature
 embeddings before the MLP / cross layers (ExpCTR-Aug); --init-from warm-starts it from the
-ID-only checkpoint. stage2_reward.py uses `load_checkpoint(...).predict` for the IC reward.
+ID-only checkpoint. The backbones themselves, one class each, are in ctr_models.py;
+stage2_reward.py uses `ctr_models.load_checkpoint(...).predict` for the IC reward.
 
 Reads   runs/X/data/{train,valid,test}.jsonl or the columnar store data/store/ (large splits,
         memory-mapped; batches gathered by ctr_features.py with numpy), items.jsonl, meta.json;
@@ -19,8 +20,8 @@ update of one process with the whole batch); every rank scores valid, rank 0 wri
     python train_ctr.py --run-dir runs/ml100k --model din --out-name din_aug \
         --text-emb 'runs/ml100k/explanations/iter_3/{split}.npy' --init-from runs/ml100k/ctr/din
 
-Python API: load_checkpoint(path) -> CTRPredictor (.predict(samples, text_emb=None) -> float64
-probabilities, .text_dim, .model_name); evaluate_predictions(labels, probs, uids) -> dict.
+Python API: main(argv) trains one model; evaluate_predictions(labels, probs, uids) -> dict;
+loading a checkpoint: ctr_models.load_checkpoint(path).
 """
 from __future__ import annotations
 
@@ -40,10 +41,10 @@ import parallel
 import sample_store
 from common import ExpCTRError, RunPaths
 from ctr_features import Features
+from ctr_models import (TORCH_MODELS, CTRModel, CTRPredictor, build_net, load_checkpoint, predict_net,
+                        vocab_sizes)
 from sample_store import SplitArrays
 
-EVAL_BATCH = 4096  # samples per forward pass when predicting (no gradients)
-DIN_ATT_WIDTH = 36  # hidden units of DIN's attention MLP (the DIN paper's activation unit: 36)
 POP_SMOOTHING = 20.0  # [ours] pseudo-samples at the global rate added to every item's count
 
 MODELS = ("deepfm", "dcnv2", "din", "popularity", "logreg")
@@ -131,237 +132,6 @@ def load_text_emb(pattern: str, split: str, samples: SplitArrays) -> np.ndarray:
                               f"(expected one row per sample of data/{split}.jsonl)")
         out.append(e)
     return np.asarray(out, dtype=np.float32)
-
-
-# ---- algorithm: the models --------------------------------------------------------------
-def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
-    layers = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
-    return nn.Sequential(*layers)
-
-
-class Embedding(nn.Embedding):
-    """nn.Embedding with its lookup as an index_select: the same values and gradients (the
-    padding row gets none, as in nn.Embedding), but the backward is an index_add instead of
-    embedding_dense_backward, which sorts the indices: ~2.3x faster alone on CPU, a DIN step at
-    2M ratings 1.03x (scripts/bench_ctr_train.py). Same parameters and state_dict keys."""
-
-    def forward(self, idx):
-        return lookup(self.weight, idx, self.padding_idx)
-
-
-def lookup(table, idx, padding_idx=None):  # table[idx] by index_select; no gradient to padding_idx
-    out = table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])
-    return out if padding_idx is None else out * (idx != padding_idx).unsqueeze(-1)
-
-
-class CTRModel(nn.Module):
-    """What every ID backbone shares (FuxiCTR-style base class): one emb_dim-wide embedding per
-    field - user, item, target genres (mean), each user-profile field - the history items
-    (item + genre mean, with a liked/disliked sign), and ExpCTR-Aug's text field. A backbone adds
-    its history encoding (HIST_FIELDS fields) and its interaction layers. Genre means are computed
-    once per distinct item of the batch (ctr_features: ugen, tpos, hpos), not per history slot."""
-    HIST_FIELDS = 2
-
-    def __init__(self, cfg: dict):
-        super().__init__()
-        self.cfg = c = cfg
-        d = c["emb_dim"]
-        self.user = Embedding(c["n_uid"] + 1, d)
-        self.item = Embedding(c["n_iid"] + 1, d)
-        self.genre = Embedding(c["n_genre"] + 1, d, padding_idx=0)
-        self.fields = nn.ModuleList(Embedding(n + 1, d) for n in c["n_field"])
-        self.sign = Embedding(3, d, padding_idx=0)  # pad / disliked / liked
-        for emb in [self.user, self.item, self.genre, self.sign, *self.fields]:
-            nn.init.normal_(emb.weight, std=0.05)  # [ours] small init keeps the FM term tame
-            if emb.padding_idx is not None:
-                nn.init.zeros_(emb.weight[emb.padding_idx])
-        if c["text_dim"]:  # [paper] ExpCTR-Aug: the explanation embedding, projected to a field
-            self.text_proj = nn.Sequential(nn.LayerNorm(c["text_dim"]), nn.Linear(c["text_dim"], d))
-        self.width = (3 + len(c["n_field"]) + self.HIST_FIELDS + (1 if c["text_dim"] else 0)) * d
-        self.hidden = [int(h) for h in c["mlp"].split(",") if h]
-
-    def genre_mean(self, g):  # g [..., G] -> [..., d]
-        m = (g > 0).float().unsqueeze(-1)
-        return (self.genre(g) * m).sum(-2) / m.sum(-2).clamp(min=1)
-
-    def genre_means(self, b):  # [U, d]: the genre mean of each distinct item of the batch
-        return self.genre_mean(b["ugen"])
-
-    def history_items(self, b, gm):  # [B, K, d]: each history item as item + its genre mean
-        return self.item(b["hid"]) + gm[b["hpos"]]
-
-    def pooled_history(self, b, gm):  # [ours] DeepFM/DCNv2: mean of the liked items, mean of
-        # the disliked ones, and the history-label field (the sum of the liked / disliked sign
-        # embeddings: how many recent items were liked; DIN pools the signs by attention)
-        hk = self.history_items(b, gm)
-        pool = lambda m: (hk * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-        return [pool((b["hlab"] == 2).float()), pool((b["hlab"] == 1).float()),
-                self.sign(b["hlab"]).sum(1)]
-
-    def id_fields(self, b, gm) -> list:  # user, item, target genres, profile fields: [B, d] each
-        return ([self.user(b["uid"]), self.item(b["iid"]), gm[b["tpos"]]] +
-                [emb(b["prof"][:, f]) for f, emb in enumerate(self.fields)])
-
-    def all_fields(self, ids: list, hist: list, text) -> list:  # [B, d] each, in a fixed order
-        out = ids + hist
-        if self.cfg["text_dim"]:
-            out.append(self.text_proj(text))  # [paper] ExpCTR-Aug: the explanation is one more field
-        return out
-
-
-class DeepFM(CTRModel):
-    """DeepFM (Guo et al. 2017): first-order terms + FM second order over the fields + an MLP."""
-    HIST_FIELDS = 3  # liked mean, disliked mean, history labels (pooled_history)
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.lin_user = Embedding(cfg["n_uid"] + 1, 1)
-        self.lin_item = Embedding(cfg["n_iid"] + 1, 1)
-        self.lin_genre = Embedding(cfg["n_genre"] + 1, 1, padding_idx=0)
-        nn.init.zeros_(self.lin_user.weight)
-        nn.init.zeros_(self.lin_item.weight)
-        self.deep = mlp([self.width] + self.hidden, cfg["dropout"])
-        self.out = nn.Linear(self.hidden[-1], 1)
-
-    def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
-        gm = self.genre_means(b)
-        fields = self.all_fields(self.id_fields(b, gm), self.pooled_history(b, gm), text)
-        e = torch.stack(fields, 1)
-        fm = 0.5 * (e.sum(1).pow(2) - e.pow(2).sum(1)).sum(-1)
-        tmask = (b["tgen"] > 0).float()
-        first = self.lin_user(b["uid"]) + self.lin_item(b["iid"]) + \
-            ((self.lin_genre(b["tgen"]).squeeze(-1) * tmask).sum(-1, keepdim=True))
-        return self.out(self.deep(torch.cat(fields, -1))).squeeze(-1) + fm + first.squeeze(-1)
-
-
-class DCNv2(CTRModel):
-    """DCN-V2 (Wang et al. 2021), parallel form: full-rank cross layers beside the deep tower.
-    [ours] 3 cross layers."""
-    HIST_FIELDS = 3  # liked mean, disliked mean, history labels (pooled_history)
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.cross = nn.ModuleList(nn.Linear(self.width, self.width) for _ in range(3))
-        self.deep = mlp([self.width] + self.hidden, cfg["dropout"])
-        self.out = nn.Linear(self.hidden[-1] + self.width, 1)
-
-    def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
-        gm = self.genre_means(b)
-        x = torch.cat(self.all_fields(self.id_fields(b, gm), self.pooled_history(b, gm), text), -1)
-        xl = x
-        for layer in self.cross:
-            xl = x * layer(xl) + xl
-        return self.out(torch.cat([xl, self.deep(x)], -1)).squeeze(-1)
-
-
-class DIN(CTRModel):
-    """DIN (Zhou et al. 2018): the history pooled with weights from an attention unit on the
-    target (no softmax). [ours] unit input [q, k, q-k, q*k, sign], query/key = item + genre mean;
-    the signs are pooled with the same weights (the second history field)."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        d = cfg["emb_dim"]
-        self.att = nn.Sequential(nn.Linear(5 * d, DIN_ATT_WIDTH), nn.PReLU(),
-                                 nn.Linear(DIN_ATT_WIDTH, 1))
-        self.deep = mlp([self.width] + self.hidden, cfg["dropout"])
-        self.out = nn.Linear(self.hidden[-1], 1)
-
-    def attention(self, q, hk, hlab):  # -> w [B, K]: the unit's weights, 0 on pads
-        """att([q, k, q-k, q*k, sign]) computed by parts (the same function and parameters as
-        the concatenated input, ~20% faster on CPU): split the first layer's weight into
-        W = [Wq Wk Wd Wp Ws]; then W.x = (Wq+Wd).q + [Wk-Wd Wp].[k, q*k] + (Ws.sign)[hlab], so the
-        query part runs once per sample, not once per history slot, and the sign part is a
-        lookup in a 3-row table. tests/test_train_ctr.py holds it equal to the concatenation."""
-        first, act, last = self.att
-        wq, wk, wd, wp, ws = first.weight.split(self.cfg["emb_dim"], 1)
-        pre = (nn.functional.linear(q, wq + wd, first.bias).unsqueeze(1)
-               + nn.functional.linear(torch.cat([hk, q.unsqueeze(1) * hk], -1),
-                                      torch.cat([wk - wd, wp], 1))
-               + lookup(self.sign.weight @ ws.T, hlab))
-        return last(act(pre)).squeeze(-1) * (hlab > 0).float()
-
-    def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
-        gm = self.genre_means(b)
-        ids = self.id_fields(b, gm)
-        hk, hlab = self.history_items(b, gm), b["hlab"]
-        w = self.attention(ids[1] + ids[2], hk, hlab)  # query: target item + its genre mean
-        signs = [(w * (hlab == s)).sum(1, keepdim=True) * self.sign.weight[s] for s in (1, 2)]
-        hist = [(w.unsqueeze(-1) * hk).sum(1), signs[0] + signs[1]]  # = sum_k w_k * sign_k
-        return self.out(self.deep(torch.cat(self.all_fields(ids, hist, text), -1))).squeeze(-1)
-
-
-NETS = {"deepfm": DeepFM, "dcnv2": DCNv2, "din": DIN}
-TORCH_MODELS = tuple(NETS)  # the neural backbones (the others: popularity, logreg)
-
-
-def build_net(cfg: dict) -> CTRModel:
-    return NETS[cfg["model"]](cfg)
-
-
-def vocab_sizes(vocab: dict) -> dict:
-    """The table sizes a model config needs from its vocabulary (ctr_features.build_vocab)."""
-    return {"n_uid": len(vocab["uid"]), "n_iid": len(vocab["iid"]), "n_genre": len(vocab["genre"]),
-            "n_field": [len(vocab["field"][f]) for f in vocab["user_fields"]]}
-
-
-# ---- plumbing: predictor (the Python API) -----------------------------------------------
-class CTRPredictor:
-    """A loaded checkpoint: .predict(samples, text_emb=None) -> float64 probabilities."""
-
-    def __init__(self, ckpt: dict):
-        self.ckpt, self.vocab, self.cfg = ckpt, ckpt["vocab"], ckpt["config"]
-        self.model_name = self.cfg["model"]
-        self.text_dim = int(self.cfg.get("text_dim", 0))
-        if self.model_name in NETS:
-            self.net = build_net(self.cfg)
-            self.net.load_state_dict(ckpt["state_dict"])
-            self.net.eval()
-
-    def predict(self, samples, text_emb: np.ndarray | None = None,
-                batch_size: int = EVAL_BATCH) -> np.ndarray:
-        """samples: a list of sample dicts or SplitArrays."""
-        samples = ctr_features.as_arrays(samples)
-        if self.text_dim and (text_emb is None or np.shape(text_emb) != (len(samples), self.text_dim)):
-            raise ExpCTRError(f"{self.model_name}: expected text_emb of shape "
-                              f"({len(samples)}, {self.text_dim}), got "
-                              f"{None if text_emb is None else np.shape(text_emb)}")
-        if not samples:
-            return np.zeros(0, np.float64)
-        if self.model_name == "popularity":
-            rates, prior = self.ckpt["state_dict"]["rate"], self.cfg["prior"]
-            return np.array([rates.get(i, prior) for i in samples.items.tolist()],
-                            np.float64)[samples.iid]
-        if self.model_name == "logreg":
-            X = ctr_features.onehot(samples, self.vocab)
-            w = self.ckpt["state_dict"]["coef"].double().numpy()
-            z = X @ w + float(self.ckpt["state_dict"]["intercept"])
-            return 1.0 / (1.0 + np.exp(-z))
-        feats = Features(samples, self.vocab)
-        text = torch.from_numpy(np.asarray(text_emb, np.float32)) if self.text_dim else None
-        return predict_net(self.net, feats, text, batch_size)
-
-
-@torch.no_grad()
-def predict_net(net, feats: Features, text, batch_size: int = EVAL_BATCH) -> np.ndarray:
-    net.eval()
-    n, out = len(feats), []
-    for a in range(0, n, batch_size):
-        b = feats.batch(np.arange(a, min(n, a + batch_size)))
-        out.append(torch.sigmoid(net(b, None if text is None else text[a:a + batch_size])))
-    return torch.cat(out).double().numpy() if out else np.zeros(0)
-
-
-def load_checkpoint(path) -> CTRPredictor:
-    """path: a ctr/<name> folder or its model.pt (torch.load with weights_only, no pickle)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.exists():
-        raise ExpCTRError(f"{path}: checkpoint not found (run train_ctr.py first)")
-    return CTRPredictor(torch.load(path, map_location="cpu", weights_only=True))
 
 
 # ---- algorithm: popularity and logistic regression baselines ------------------------------

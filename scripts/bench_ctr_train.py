@@ -7,7 +7,7 @@ fresh DIN (seed 0) for --steps timed steps after --warmup steps: batch gathering
 (ctr_features), forward, loss with the embedding penalty, backward and Adam, as train_net does.
 Variants:
   nn.Embedding     the lookups as torch's nn.Embedding (the code before the index_select change)
-  index_select     train_ctr.Embedding (index_select lookups; the backward is an index_add)
+  index_select     ctr_models.Embedding (index_select lookups; the backward is an index_add)
   + batch B        a larger batch
   + bf16 autocast  the forward under torch.autocast(bfloat16); weights and Adam stay fp32
 Prints samples/s per variant (median over rounds) and its ratio to the first row.
@@ -28,13 +28,14 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import ctr_features  # noqa: E402
+import ctr_models  # noqa: E402
 import train_ctr  # noqa: E402
 
 
 def make_step(feats, cfg, batch, emb_class, bf16, emb_reg):
     """A fresh DIN and a closure running training step i (its batch: rows i*batch...)."""
     torch.manual_seed(0)
-    net = train_ctr.build_net(cfg)
+    net = ctr_models.build_net(cfg)
     for m in net.modules():  # the lookup implementation under test; same weights either way
         if isinstance(m, nn.Embedding):
             m.__class__ = emb_class
@@ -74,14 +75,14 @@ def main():
     vocab = ctr_features.build_vocab(train, common.load_items(paths), meta.get("user_fields", []))
     feats = ctr_features.Features(train, vocab)
     cfg = {"model": "din", "emb_dim": 16, "mlp": "128,64", "text_dim": 0,
-           "dropout": train_ctr.MODEL_DEFAULTS["din"]["dropout"], **train_ctr.vocab_sizes(vocab)}
+           "dropout": train_ctr.MODEL_DEFAULTS["din"]["dropout"], **ctr_models.vocab_sizes(vocab)}
     emb_reg = train_ctr.MODEL_DEFAULTS["din"]["emb_reg"]
     B, BB = a.batch, a.big_batch
     variants = [(f"nn.Embedding, batch {B}", B, nn.Embedding, False),
-                (f"index_select, batch {B}", B, train_ctr.Embedding, False),
-                (f"index_select, batch {B}, bf16 autocast", B, train_ctr.Embedding, True),
-                (f"index_select, batch {BB}", BB, train_ctr.Embedding, False),
-                (f"index_select, batch {BB}, bf16 autocast", BB, train_ctr.Embedding, True)]
+                (f"index_select, batch {B}", B, ctr_models.Embedding, False),
+                (f"index_select, batch {B}, bf16 autocast", B, ctr_models.Embedding, True),
+                (f"index_select, batch {BB}", BB, ctr_models.Embedding, False),
+                (f"index_select, batch {BB}, bf16 autocast", BB, ctr_models.Embedding, True)]
     steps = {name: make_step(feats, cfg, b, e, bf, emb_reg) for name, b, e, bf in variants}
     speed = {name: [] for name, *_ in variants}
     for r in range(a.rounds):

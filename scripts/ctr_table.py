@@ -21,9 +21,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import ctr_models  # noqa: E402
 import train_ctr  # noqa: E402
 
-GRID_MODELS = train_ctr.TORCH_MODELS  # popularity and logreg have no grid
+GRID_MODELS = ctr_models.TORCH_MODELS  # popularity and logreg have no grid
 
 
 def settings(grid: str) -> list[dict]:

@@ -55,7 +55,7 @@ def generate(n_ratings: int, seed: int = 0):
     movies = []
     for m in range(1, n_items + 1):
         w = rng.choice(WORDS, 1 + m % 3)
-        title = " ".join(w) + (f", The" if m % 7 == 0 else "") + f" {m}"
+        title = " ".join(w) + (", The" if m % 7 == 0 else "") + f" {m}"
         year = 1920 + m % 95
         k = 1 + rng.choice(10, p=GENRE_COUNT_P)
         gs = "|".join(sorted(rng.choice(GENRES, k, replace=False))) if m % 50 else \

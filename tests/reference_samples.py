@@ -112,4 +112,3 @@ def featurize(samples: list[dict], vocab: dict) -> dict[str, torch.Tensor]:
             prof[r, f] = vocab["field"][name].get(str(user.get(name, "")), 0)
     return {k: torch.from_numpy(v) for k, v in dict(uid=uid, iid=iid, tgen=tgen, hid=hid,
             hlab=hlab, hgen=hgen, prof=prof).items()}
-

@@ -473,7 +473,6 @@ def test_profile_echo_puts_the_history_lines_in_the_explanation_slot():
     assert stage1_sft.train_texts(rows, ex, items, popt, [0.1, 0.4, 0.9], 0.3, 0.0) == [None, "text 1", "text 2"]
 
 
-
 def test_echo_subsets_state_part_of_the_profile_without_the_label():
     """--echo-subsets: a share of the profile-echo texts keep a random non-empty proper subset of
     the catalogue's genres (the same draws for the same seed, none with share 0); the text counts

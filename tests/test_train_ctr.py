@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+import ctr_models  # noqa: E402
 import data_prep  # noqa: E402
 import train_ctr  # noqa: E402
 
@@ -55,7 +56,7 @@ def test_train_and_round_trip(run, model):
     # every model learns the planted signal after 2 epochs: mean valid/test AUC >= 0.56 (measured
     # 0.57-0.61; the oracle reaches 0.87; chance is 0.50 +- 0.02 at n = 186 per split)
     assert (m["valid"]["auc"] + m["test"]["auc"]) / 2 >= 0.56, (m["valid"], m["test"])
-    p = train_ctr.load_checkpoint(out)
+    p = ctr_models.load_checkpoint(out)
     assert p.model_name == model and p.text_dim == 0
     test = common.load_split(common.RunPaths(run), "test")
     got = p.predict(test)
@@ -64,7 +65,7 @@ def test_train_and_round_trip(run, model):
     assert np.allclose(p.predict(test[:7]), got[:7], atol=1e-6)  # batch-size independent
     logged = [r for r in common.read_jsonl(run / "metrics.jsonl") if r.get("model") == model]
     assert logged and logged[-1].get("final")
-    if model in train_ctr.TORCH_MODELS:
+    if model in ctr_models.TORCH_MODELS:
         assert [r["epoch"] for r in logged if "epoch" in r][-2:] == [1, 2]
         assert "valid_auc" in logged[0]
 
@@ -73,21 +74,21 @@ def test_train_and_round_trip(run, model):
 def test_text_emb_and_warm_start(run, model):
     if not (run / "ctr" / model / "model.pt").exists():
         train(run, "--model", model, *FAST)
-    id_pred = train_ctr.load_checkpoint(run / "ctr" / model)
+    id_pred = ctr_models.load_checkpoint(run / "ctr" / model)
     # warm start: an Aug net initialised from the ID net predicts what the ID net predicted
     cfg = dict(id_pred.cfg, text_dim=8)
-    net = train_ctr.build_net(cfg)
+    net = ctr_models.build_net(cfg)
     n = train_ctr.warm_start(net, id_pred.ckpt["state_dict"], cfg)
     assert n == len(id_pred.ckpt["state_dict"])
     test = common.load_split(common.RunPaths(run), "test")
     emb = np.load(run / "emb_test.npy")
-    feats = train_ctr.Features(train_ctr.ctr_features.as_arrays(test), id_pred.vocab)
-    aug0 = train_ctr.predict_net(net, feats, torch.from_numpy(emb), 512)
+    feats = ctr_models.Features(ctr_models.ctr_features.as_arrays(test), id_pred.vocab)
+    aug0 = ctr_models.predict_net(net, feats, torch.from_numpy(emb), 512)
     np.testing.assert_allclose(aug0, id_pred.predict(test), atol=1e-6)  # DeepFM's FM term too
     # trained Aug model round-trips, with text from .npy or from .jsonl
     train(run, "--model", model, "--out-name", f"{model}_aug", "--text-emb",
           str(run / "emb_{split}.npy"), "--init-from", run / "ctr" / model, *FAST)
-    p = train_ctr.load_checkpoint(run / "ctr" / f"{model}_aug")
+    p = ctr_models.load_checkpoint(run / "ctr" / f"{model}_aug")
     assert p.text_dim == 8 and p.model_name == model
     np.testing.assert_allclose(p.predict(test, emb), saved_preds(run, f"{model}_aug"), atol=1e-6)
     m = common.read_json(run / "ctr" / f"{model}_aug" / "metrics.json")
@@ -223,7 +224,7 @@ def test_every_backbone_reads_the_history_labels_and_emb_reg_applies(run, model)
            "n_uid": len(vocab["uid"]), "n_iid": len(vocab["iid"]), "n_genre": len(vocab["genre"]),
            "n_field": [len(vocab["field"][f]) for f in vocab["user_fields"]]}
     torch.manual_seed(0)
-    net = train_ctr.build_net(cfg)
+    net = ctr_models.build_net(cfg)
     b = ctr_features.Features(arr, vocab).batch(np.arange(64))
     net(b).sum().backward()
     assert net.sign.weight.grad[1:].abs().sum() > 0  # disliked / liked rows
@@ -255,7 +256,7 @@ def test_din_attention_by_parts_equals_the_concatenated_unit(run):
            "n_uid": len(vocab["uid"]), "n_iid": len(vocab["iid"]), "n_genre": len(vocab["genre"]),
            "n_field": [len(vocab["field"][f]) for f in vocab["user_fields"]]}
     torch.manual_seed(0)
-    net = train_ctr.build_net(cfg).double()
+    net = ctr_models.build_net(cfg).double()
     for p in net.parameters():  # non-trivial values everywhere (pads too: masking must hold)
         p.data.normal_(0, 0.3)
     b = ctr_features.Features(arr, vocab).batch(np.arange(128))
@@ -270,12 +271,12 @@ def test_din_attention_by_parts_equals_the_concatenated_unit(run):
 
 @pytest.mark.parametrize("padding_idx", [None, 0])
 def test_embedding_by_index_select_equals_nn_embedding(padding_idx):
-    """train_ctr.Embedding (index_select lookups, for a faster backward) gives nn.Embedding's
+    """ctr_models.Embedding (index_select lookups, for a faster backward) gives nn.Embedding's
     values and gradients, including none to the padding row."""
     torch.manual_seed(0)
     ref = torch.nn.Embedding(7, 4, padding_idx=padding_idx).double()
     ref.weight.data.normal_()  # a non-zero padding row too: no gradient may reach it
-    ours = train_ctr.Embedding(7, 4, padding_idx=padding_idx).double()
+    ours = ctr_models.Embedding(7, 4, padding_idx=padding_idx).double()
     ours.load_state_dict(ref.state_dict())
     idx = torch.tensor([[0, 3, 3, 6], [1, 0, 2, 3]])
     out_r, out_o = ref(idx), ours(idx)

@@ -304,7 +304,7 @@ PROMPT_STYLES = ("items", "genres")
 # The explainer's question, last line of its prompt. "paper" is the paper's; "genres" [ours] asks
 # for a verdict and names the evidence the genre-count prompts show (the planted preset: the
 # untuned model then restates the user's genre profile, which a scorer reading the target and
-# the explanation alone can use; README, "The planted world")
+# the explanation alone can use; docs/planted-experiments.md)
 QUESTIONS = {
     "paper": "Considering the user's preferences, predict how the user would view {title} and "
              "give the reason, within one sentence.",
@@ -355,7 +355,7 @@ def build_scorer_prompt(prompt: str, explanation: str | None, target: str | None
     [ours] The question names the target again (`target` = describe_item of it): a small LM
     matches the target's genres against the history at the target's own tokens (a linear probe
     on frozen SmolLM2-135M reads valid AUC 0.74 there, 0.52-0.60 at a generic question's answer
-    position; README, planted preset), so the answer should come right after them.
+    position; docs/planted-experiments.md), so the answer should come right after them.
     view "target" [ours; the paper has the LLM "predict the CTR from the explanation" and leaves
     its input open]: with an explanation, the explanation takes the place of the user's history
     ("Explanation: ...", then the target line), so the history reaches the scorer through the

@@ -194,7 +194,7 @@ class LLM:
         from `src`/answer_head.safetensors. The lm_head is tied to the input embeddings in small
         models, so its rows cannot train without changing every prompt token; this head can, and
         unlike a LoRA on the top layers it flips the sign of an inverted zero-shot read-out in a
-        few steps (README, "The planted world")."""
+        few steps (docs/planted-experiments.md)."""
         _, lm = self._parts()
         head = torch.nn.Linear(lm.weight.shape[1], 2, bias=True).to(self.device, torch.float32)
         with torch.no_grad():

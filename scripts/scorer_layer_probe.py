@@ -1,5 +1,5 @@
 """Where does a frozen LLM hold the click signal? A diagnostic for choosing the scorer's prompt
-and which layers its LoRA trains (README, "The planted world").
+and which layers its LoRA trains (docs/planted-experiments.md).
 
 For n train and n valid samples of a run folder, one frozen forward pass of the scorer's input
 (no explanation) with the hidden states of every 3rd layer at two positions:

@@ -310,6 +310,12 @@ QUESTIONS = {
              "give the reason, within one sentence.",
     "genres": "Considering the genres the user liked and disliked, predict whether the user would "
               "like {title} and give the reason, within one sentence.",
+    # [ours] issue 9, target 5: ask for the one genre of the target that decides (planted12)
+    "cause": "Considering the genres the user liked and disliked, name the one genre of {title} "
+             "that decides whether the user would like it, and predict whether they would, "
+             "within one sentence.",
+    "cause-short": "Which one genre of {title} decides whether this user would like it? Name it "
+                   "and predict, in one sentence.",
 }
 
 

@@ -11,8 +11,13 @@ Variants:
   + batch B        a larger batch
   + bf16 autocast  the forward under torch.autocast(bfloat16); weights and Adam stay fp32
 Prints samples/s per variant (median over rounds) and its ratio to the first row.
+--profile N instead profiles N steps of the index_select row (torch.profiler, CPU): the share of
+the step in each phase (batch gathering, forward, backward, Adam) and in matrix products (mm,
+addmm, bmm), and the bound that gives: with every other operation free, a step could be at most
+1 / (matrix-product share) times faster at these settings.
 
     python scripts/bench_ctr_train.py --run-dir /tmp/expctr-bench-data/run-2000000-new
+    python scripts/bench_ctr_train.py --run-dir /tmp/expctr-bench-data/run-2000000-new --profile 40
 """
 from __future__ import annotations
 
@@ -45,16 +50,51 @@ def make_step(feats, cfg, batch, emb_class, bf16, emb_reg):
     net.train()
 
     def step(i):
-        idx = perm[(i * batch) % (len(y) - batch):][:batch]
-        b = feats.batch(idx.numpy())
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logit = net(b)
-        loss = nn.functional.binary_cross_entropy_with_logits(logit.float(), y[idx])
-        loss = loss + train_ctr.embedding_penalty(net, emb_reg)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        rf = torch.profiler.record_function  # phase labels for --profile (no cost otherwise)
+        with rf("phase: batch gathering"):
+            idx = perm[(i * batch) % (len(y) - batch):][:batch]
+            b = feats.batch(idx.numpy())
+        with rf("phase: forward and loss"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logit = net(b)
+            loss = nn.functional.binary_cross_entropy_with_logits(logit.float(), y[idx])
+            loss = loss + train_ctr.embedding_penalty(net, emb_reg)
+        with rf("phase: backward"):
+            opt.zero_grad()
+            loss.backward()
+        with rf("phase: Adam"):
+            opt.step()
     return step
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def profile(step, n: int, warmup: int, batch: int) -> None:
+    """Time shares of n profiled steps: per phase, and of the matrix products (self time)."""
+    from torch.profiler import ProfilerActivity
+    for i in range(warmup):
+        step(i)
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(n):
+            step(warmup + i)
+    wall = time.perf_counter() - t
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev) or 1.0  # time inside ops, in us
+    phases = {e.key: e.cpu_time_total for e in ev if e.key.startswith("phase: ")}
+    mm = sum(e.self_cpu_time_total for e in ev if e.key in MATMUL_OPS)
+    print(f"{n} profiled steps of batch {batch}: {wall / n * 1e3:.1f} ms/step under the profiler "
+          f"({n * batch / wall:,.0f} samples/s)\n")
+    print("| part | share of the step |\n|---|---|")
+    for k, v in phases.items():
+        print(f"| {k[7:]} | {v / total:.1%} |")
+    print(f"| matrix products ({', '.join(MATMUL_OPS)}), self time | {mm / total:.1%} |")
+    print(f"\nwith every other operation free, a step would be at most {total / max(mm, 1):.1f}x faster")
+    top = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:12]
+    print("\n| op (top 12 by self time) | share |\n|---|---|")
+    for e in top:
+        print(f"| {e.key} | {e.self_cpu_time_total / total:.1%} |")
 
 
 def main():
@@ -67,6 +107,8 @@ def main():
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant and round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant and round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--profile", type=int, default=0,
+                   help="profile this many steps of the index_select row instead of timing variants")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     paths = common.RunPaths(a.run_dir)
@@ -78,6 +120,9 @@ def main():
            "dropout": train_ctr.MODEL_DEFAULTS["din"]["dropout"], **ctr_models.vocab_sizes(vocab)}
     emb_reg = train_ctr.MODEL_DEFAULTS["din"]["emb_reg"]
     B, BB = a.batch, a.big_batch
+    if a.profile:
+        return profile(make_step(feats, cfg, B, ctr_models.Embedding, False, emb_reg),
+                       a.profile, a.warmup, B)
     variants = [(f"nn.Embedding, batch {B}", B, nn.Embedding, False),
                 (f"index_select, batch {B}", B, ctr_models.Embedding, False),
                 (f"index_select, batch {B}, bf16 autocast", B, ctr_models.Embedding, True),

@@ -247,3 +247,42 @@ def test_cause_information_pairs_the_cause_with_the_other_genre_of_2_genre_items
     assert len(w["y"]) > 0 and set(np.unique(w["y"])) <= {0, 1}
     assert np.all(np.abs(w["cause"]) >= np.abs(w["other"]))
     assert np.any(w["cause"] != w["other"])
+
+
+def test_cause_readable_rules_read_the_prompts_counts_and_refuse_test(tmp_path, capsys):
+    """scripts/cause_readable.py: per 2-genre target, the first-genre echo, the most-seen and the
+    largest-|liked - disliked| genre, computed from the history counts the prompt shows."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import cause_readable
+    items = [{"iid": "1", "title": "T", "genres": ["Action", "Comedy"]},
+             {"iid": "2", "title": "A", "genres": ["Action"]},
+             {"iid": "3", "title": "C", "genres": ["Comedy"]},
+             {"iid": "4", "title": "W", "genres": ["War"]}]
+    # s1: Action liked 0 / disliked 1, Comedy 3 / 0 -> most_seen and net pick Comedy (the cause)
+    # s2: Action 1 / 1 (net 0), Comedy 0 / 3 -> both pick Comedy; the cause is Action (echo's)
+    # s3: Action 4 / 0, Comedy 1 / 5 -> most_seen Comedy, net Action (the cause)
+    rows = [{"uid": "u", "iid": "1", "label": 1, "ts": 1, "cause": "Comedy",
+             "hist": [["3", 1], ["3", 1], ["3", 1], ["2", 0]]},
+            {"uid": "v", "iid": "1", "label": 0, "ts": 2, "cause": "Action",
+             "hist": [["2", 1], ["2", 0], ["3", 0], ["3", 0], ["3", 0]]},
+            {"uid": "w", "iid": "1", "label": 1, "ts": 3, "cause": "Action",
+             "hist": [["2", 1]] * 4 + [["3", 1]] + [["3", 0]] * 5},
+            {"uid": "x", "iid": "4", "label": 1, "ts": 4, "cause": "War", "hist": []}]  # 1 genre
+    (tmp_path / "data").mkdir()
+    common.write_jsonl(tmp_path / "data" / "items.jsonl", items)
+    for split in ("train", "valid"):
+        common.write_jsonl(tmp_path / "data" / f"{split}.jsonl", rows)
+    res = cause_readable.main(["--run-dir", str(tmp_path), "--split", "valid", "--n-boot", "50"])
+    v = res["valid"]
+    assert v["n"] == 3
+    assert v["echo_first_genre"]["cause_hit"] == pytest.approx(2 / 3)
+    assert v["most_seen"]["cause_hit"] == pytest.approx(1 / 3)
+    assert v["net"]["cause_hit"] == pytest.approx(2 / 3)
+    assert 0 <= v["learned"]["cause_hit"] <= 1
+    assert "| valid | 3 | net | 0.667 | +0.000" in capsys.readouterr().out
+    with pytest.raises(common.ExpCTRError, match="--split test: refused"):
+        cause_readable.main(["--run-dir", str(tmp_path), "--split", "valid,test"])
+    common.write_jsonl(tmp_path / "data" / "items.jsonl",
+                       [dict(items[0], genres=["Action", "Comedy", "War"])] + items[1:])
+    with pytest.raises(common.ExpCTRError, match="> 2 genres"):
+        cause_readable.main(["--run-dir", str(tmp_path), "--split", "valid"])

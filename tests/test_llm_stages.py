@@ -670,3 +670,40 @@ def test_reward_templates_cut_every_statement_to_the_same_budget():
     assert (t["profile_cut"], t["target_genres_cut"], t["cause_cut"], t["other_cut"]) == \
         (cut(t["profile"]), cut(t["target_genres"]), cut(t["cause"]), cut(t["other"]))
     assert "cause_cut" not in reward_templates.templates(s, items, popt)
+
+
+def test_explainer_form_generates_each_prompt_variant_and_keeps_its_prefix(tiny_run, monkeypatch, capsys):
+    """scripts/explainer_form.py: each variant's question ends the prompt and its assistant prefix
+    starts the assistant turn and the explanation; rows are explanation_quality.cause_choice's;
+    test is refused."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "explainer_form", Path(__file__).resolve().parents[1] / "scripts" / "explainer_form.py")
+    ef = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ef)
+    seen, real = [], llm.LLM.explainer_ids
+    monkeypatch.setattr(llm.LLM, "explainer_ids",
+                        lambda self, prompt, prefix="": seen.append((prompt, prefix)) or real(self, prompt, prefix))
+    b = llm.LLM("tiny", "float32")
+    assert b.explainer_ids("x", "The genre is")[-len(b.encode(" is")):] == b.encode(" is")
+    seen.clear()
+    out = ef.main(["--run-dir", str(tiny_run), "--model", "tiny", "--dtype", "float32",
+                   "--max-new-tokens", "3", "--n-boot", "20",
+                   "--variant", "genres", "--variant", "cause|The genre that decides is"])
+    items = common.load_items(RunPaths(tiny_run))
+    valid = common.load_split(RunPaths(tiny_run), "valid")
+    titles = [items[s["iid"]]["title"] for s in valid
+              if s.get("cause") and len(items[s["iid"]]["genres"]) >= 2]
+    n = len(titles)
+    assert n > 0 and len(seen) == 2 * n
+    for (p, pre), t in zip(seen[:n], titles):
+        assert pre == "" and p.endswith(common.QUESTIONS["genres"].format(title=t))
+    for (p, pre), t in zip(seen[n:], titles):
+        assert pre == "The genre that decides is" and p.endswith(common.QUESTIONS["cause"].format(title=t))
+    assert all(e.startswith("The genre that decides is") for e in out["cause|The genre that decides is"]["examples"])
+    assert set(out) == {"genres|", "cause|The genre that decides is", "echo_first_genre"}
+    assert "| cause | 'The genre that decides is' |" in capsys.readouterr().out
+    with pytest.raises(ExpCTRError, match="--split test: refused"):
+        ef.main(["--run-dir", str(tiny_run), "--model", "tiny", "--split", "test"])
+    with pytest.raises(ExpCTRError, match="question 'nope'"):
+        ef.main(["--run-dir", str(tiny_run), "--model", "tiny", "--variant", "nope|x"])

@@ -301,3 +301,20 @@ def test_bench_ctr_train_runs_every_variant(run):
                          capture_output=True, text=True, check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and "x |" in line]
     assert len(rows) == 5 and rows[0].endswith("| 1.00x |"), out
+
+
+def test_bench_ctr_train_profile_reports_each_phase_and_the_matmul_share(run):
+    """bench_ctr_train.py --profile: the four phases of a step and the matrix products' share,
+    and the bound it gives (1 / share); nothing here checks a speed."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ctr_train.py"),
+                          "--run-dir", str(run), "--threads", "1", "--batch", "32",
+                          "--warmup", "1", "--profile", "2"],
+                         capture_output=True, text=True, check=True).stdout
+    share = {line.split(" | ")[0][2:]: float(line.split(" | ")[1].rstrip("% |")) / 100
+             for line in out.splitlines() if line.startswith("| ") and line.endswith("% |")}
+    for phase in ("batch gathering", "forward and loss", "backward", "Adam"):
+        assert 0 < share[phase] < 1, out
+    mm = next(v for k, v in share.items() if k.startswith("matrix products"))
+    assert 0 < mm < 1
+    bound = float(out.split("would be at most ")[1].split("x")[0])
+    assert abs(bound - 1 / mm) < 0.1 * bound + 0.05, out

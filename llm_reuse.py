@@ -8,9 +8,11 @@ that the plain forward passes there read on their own (issue 9, "make it afforda
                 rollout group, a scorer input with and without explanation): its KV cache is
                 copied to the rows that continue it.
 
-Both are mixins of llm.LLM (they use its _parts, pad_left, _yes_no, policy_bias, device, tok),
-and each has a test against the plain forward of llm.py (tests/test_rl_loop.py,
-tests/test_llm_stages.py): equal up to float rounding.
+Both are mixins of llm.LLM: they use its model, tok, device, depth, active, n_layers and
+share_prefix, and its methods _parts, pad_left, _yes_no, policy_bias, scorer_ids and use. Each has
+a test against the plain forward of llm.py (tests/test_rl_loop.py, tests/test_llm_stages.py):
+equal up to float rounding. Generation's shared prefill (LLM._shared_prefill) and the chunked
+lower states for torchrun (llm.lower_states_chunked) stay in llm.py, beside their callers.
 """
 from __future__ import annotations
 

@@ -58,24 +58,25 @@ def main(argv=None) -> dict:
     idx = idx[:a.max_targets] if a.max_targets else idx
     if not idx:
         raise ExpCTRError(f"{paths.root} {a.split}: no target with a cause and >= 2 genres")
+    targets = [samples[i] for i in idx]  # cause_choice scores these, keyed 0..n-1
     bundle = llm.LLM(llm.run_model(paths, a.model), a.dtype, None, a.threads)
     ca = types.SimpleNamespace(min_title_chars=8, min_ground_chars=4, n_boot=a.n_boot, seed=a.seed)
     out = {}
     print(f"untuned explainer, {len(idx)} {a.split} targets with >= 2 genres ({paths.root})\n")
     print("| question | assistant prefix | cause hit [95% CI] | names a wrong genre |\n|---|---|---|---|")
     for q, prefix in variants:
-        ids = [bundle.explainer_ids(common.build_prompt(samples[i], items, popt["style"], q), prefix)
-               for i in idx]
+        ids = [bundle.explainer_ids(common.build_prompt(t, items, popt["style"], q), prefix)
+               for t in targets]
         comps = []
         for b in range(0, len(ids), a.gen_batch):
             comps += bundle.generate(ids[b:b + a.gen_batch], greedy=True,
                                      max_new_tokens=a.max_new_tokens)
-        texts = {i: (prefix + " " + bundle.decode(c)).strip() for i, c in zip(idx, comps)}
-        cc = eq.cause_choice(samples, items, {"base": texts}, ca)
+        texts = {j: (prefix + " " + bundle.decode(c)).strip() for j, c in enumerate(comps)}
+        cc = eq.cause_choice(targets, items, {"base": texts}, ca)
         r = cc["base"]
         print(f"| {q} | {prefix!r} | {r['cause_hit']:.3f} [{r['cause_hit_ci'][0]:.3f}, "
               f"{r['cause_hit_ci'][1]:.3f}] | {r['wrong_genre']:.3f} |")
-        out[f"{q}|{prefix}"] = dict(r, examples=[texts[i] for i in idx[:3]])
+        out[f"{q}|{prefix}"] = dict(r, n=cc["n"], examples=[texts[j] for j in range(min(3, len(targets)))])
         out["echo_first_genre"] = cc["echo_first_genre"]
     e = out["echo_first_genre"]
     print(f"| (echo of the first genre) | | {e['cause_hit']:.3f} [{e['cause_hit_ci'][0]:.3f}, "

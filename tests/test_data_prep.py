@@ -251,37 +251,44 @@ def test_cause_information_pairs_the_cause_with_the_other_genre_of_2_genre_items
 
 def test_cause_readable_rules_read_the_prompts_counts_and_refuse_test(tmp_path, capsys):
     """scripts/cause_readable.py: per 2-genre target, the first-genre echo, the most-seen and the
-    largest-|liked - disliked| genre, computed from the history counts the prompt shows."""
+    largest-|liked - disliked| genre, computed from the history counts the prompt shows, and a
+    rule fitted on train (here: train's cause is always the larger-|net| genre, so it is net)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import cause_readable
     items = [{"iid": "1", "title": "T", "genres": ["Action", "Comedy"]},
              {"iid": "2", "title": "A", "genres": ["Action"]},
              {"iid": "3", "title": "C", "genres": ["Comedy"]},
              {"iid": "4", "title": "W", "genres": ["War"]}]
-    # s1: Action liked 0 / disliked 1, Comedy 3 / 0 -> most_seen and net pick Comedy (the cause)
-    # s2: Action 1 / 1 (net 0), Comedy 0 / 3 -> both pick Comedy; the cause is Action (echo's)
-    # s3: Action 4 / 0, Comedy 1 / 5 -> most_seen Comedy, net Action (the cause)
-    rows = [{"uid": "u", "iid": "1", "label": 1, "ts": 1, "cause": "Comedy",
-             "hist": [["3", 1], ["3", 1], ["3", 1], ["2", 0]]},
-            {"uid": "v", "iid": "1", "label": 0, "ts": 2, "cause": "Action",
-             "hist": [["2", 1], ["2", 0], ["3", 0], ["3", 0], ["3", 0]]},
-            {"uid": "w", "iid": "1", "label": 1, "ts": 3, "cause": "Action",
-             "hist": [["2", 1]] * 4 + [["3", 1]] + [["3", 0]] * 5},
-            {"uid": "x", "iid": "4", "label": 1, "ts": 4, "cause": "War", "hist": []}]  # 1 genre
+
+    def row(u, cause, la, da, lc, dc):  # counts: Action liked/disliked, Comedy liked/disliked
+        hist = [["2", 1]] * la + [["2", 0]] * da + [["3", 1]] * lc + [["3", 0]] * dc
+        return {"uid": u, "iid": "1", "label": 1, "ts": 1, "cause": cause, "hist": hist}
+    # s1: Action 0/1, Comedy 3/0: most_seen and net pick Comedy (the cause)
+    # s2: Action 1/1 (net 0), Comedy 0/3: both pick Comedy; the cause is Action (the echo's)
+    # s3: Action 5/0 (net 5), Comedy 1/5 (net 4): most_seen Comedy, net Action (the cause)
+    valid = [row("u", "Comedy", 0, 1, 3, 0), row("v", "Action", 1, 1, 0, 3),
+             row("w", "Action", 5, 0, 1, 5),
+             {"uid": "x", "iid": "4", "label": 1, "ts": 4, "cause": "War", "hist": []}]  # 1 genre
+    train = [row(f"t{k}", "Action", 2 + k % 4, k % 2, 0, 1) for k in range(10)] + \
+            [row(f"s{k}", "Comedy", 0, 1, 2 + k % 4, k % 2) for k in range(10)]
     (tmp_path / "data").mkdir()
     common.write_jsonl(tmp_path / "data" / "items.jsonl", items)
-    for split in ("train", "valid"):
-        common.write_jsonl(tmp_path / "data" / f"{split}.jsonl", rows)
+    common.write_jsonl(tmp_path / "data" / "train.jsonl", train)
+    common.write_jsonl(tmp_path / "data" / "valid.jsonl", valid)
     res = cause_readable.main(["--run-dir", str(tmp_path), "--split", "valid", "--n-boot", "50"])
     v = res["valid"]
     assert v["n"] == 3
     assert v["echo_first_genre"]["cause_hit"] == pytest.approx(2 / 3)
     assert v["most_seen"]["cause_hit"] == pytest.approx(1 / 3)
     assert v["net"]["cause_hit"] == pytest.approx(2 / 3)
-    assert 0 <= v["learned"]["cause_hit"] <= 1
+    assert v["learned"]["cause_hit"] == pytest.approx(2 / 3)  # = net; reversed it would be 1/3
+    assert v["most_seen"]["minus_echo"] == pytest.approx(-1 / 3)
     assert "| valid | 3 | net | 0.667 | +0.000" in capsys.readouterr().out
     with pytest.raises(common.ExpCTRError, match="--split test: refused"):
         cause_readable.main(["--run-dir", str(tmp_path), "--split", "valid,test"])
+    common.write_jsonl(tmp_path / "data" / "train.jsonl", train[:10])
+    with pytest.raises(common.ExpCTRError, match="always the first genre"):
+        cause_readable.main(["--run-dir", str(tmp_path), "--split", "valid"])
     common.write_jsonl(tmp_path / "data" / "items.jsonl",
                        [dict(items[0], genres=["Action", "Comedy", "War"])] + items[1:])
     with pytest.raises(common.ExpCTRError, match="> 2 genres"):

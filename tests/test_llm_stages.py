@@ -688,14 +688,14 @@ def test_explainer_form_generates_each_prompt_variant_and_keeps_its_prefix(tiny_
     assert b.explainer_ids("x", "The genre is")[-len(b.encode(" is")):] == b.encode(" is")
     seen.clear()
     out = ef.main(["--run-dir", str(tiny_run), "--model", "tiny", "--dtype", "float32",
-                   "--max-new-tokens", "3", "--n-boot", "20",
+                   "--max-new-tokens", "3", "--n-boot", "20", "--max-targets", "2",
                    "--variant", "genres", "--variant", "cause|The genre that decides is"])
     items = common.load_items(RunPaths(tiny_run))
     valid = common.load_split(RunPaths(tiny_run), "valid")
     titles = [items[s["iid"]]["title"] for s in valid
-              if s.get("cause") and len(items[s["iid"]]["genres"]) >= 2]
+              if s.get("cause") and len(items[s["iid"]]["genres"]) >= 2][:2]
     n = len(titles)
-    assert n > 0 and len(seen) == 2 * n
+    assert n > 0 and len(seen) == 2 * n and out["genres|"]["n"] == n
     for (p, pre), t in zip(seen[:n], titles):
         assert pre == "" and p.endswith(common.QUESTIONS["genres"].format(title=t))
     for (p, pre), t in zip(seen[n:], titles):

@@ -312,8 +312,10 @@ def test_bench_ctr_train_profile_reports_each_phase_and_the_matmul_share(run):
                          capture_output=True, text=True, check=True).stdout
     share = {line.split(" | ")[0][2:]: float(line.split(" | ")[1].rstrip("% |")) / 100
              for line in out.splitlines() if line.startswith("| ") and line.endswith("% |")}
-    for phase in ("batch gathering", "forward and loss", "backward", "Adam"):
+    phases = ("batch gathering", "forward and loss", "backward", "Adam")
+    for phase in phases:
         assert 0 < share[phase] < 1, out
+    assert 0.9 < sum(share[p] for p in phases) < 1.02, out  # the phases cover the step
     mm = next(v for k, v in share.items() if k.startswith("matrix products"))
     assert 0 < mm < 1
     bound = float(out.split("would be at most ")[1].split("x")[0])

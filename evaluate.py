@@ -54,9 +54,9 @@ def parse_args(argv=None):
                    "final_tag, else the highest iter_k under explanations/ with test.jsonl)")
     p.add_argument("--aug", default=None, help="ExpCTR-Aug folder under ctr/ (default: R/run.json "
                    "aug, else the ctr/aug_* with the highest iter)")
-    p.add_argument("--min-title-chars", type=int, default=8, help="[ours] catalogue titles shorter "
+    p.add_argument("--min-title-chars", type=int, default=eq.MIN_TITLE_CHARS, help="[ours] catalogue titles shorter "
                    "than this (normalised) are not checked for hallucination (ordinary words)")
-    p.add_argument("--min-ground-chars", type=int, default=4, help="[ours] target/history titles "
+    p.add_argument("--min-ground-chars", type=int, default=eq.MIN_GROUND_CHARS, help="[ours] target/history titles "
                    "shorter than this (normalised) do not count for grounding")
     p.add_argument("--pop-smoothing", type=float, default=None, help="popularity row computed here "
                    "(when R/ctr/popularity is missing): train_ctr.item_click_rates with this "

@@ -105,6 +105,11 @@ def title_key(title: str) -> tuple:
     return tuple(toks)
 
 
+# [ours] title lengths (normalised characters) below which a catalogue title is not checked for
+# hallucination (ordinary words), and a target/history title does not count for grounding:
+# the defaults of evaluate.py and of every script that applies its rules
+MIN_TITLE_CHARS, MIN_GROUND_CHARS = 8, 4
+
 # [ours] genre synonyms accepted for grounding/cause recall (plus plurals: -s, -y -> -ies)
 GENRE_ALIASES = {"sci fi": ["science fiction", "scifi"], "film noir": ["noir"],
                  "children s": ["children", "kids"], "romance": ["romantic"],
@@ -195,6 +200,13 @@ class Grounder:
                 "cause": bool(free(PhraseIndex(genre_keys(cause)))) if cause else None}
 
 
+def choice_targets(samples: list[dict], items: dict) -> list[int]:
+    """Positions of the samples whose target has a planted cause and >= 2 genres: where naming the
+    cause alone is a real choice (target 5)."""
+    return [i for i, s in enumerate(samples) if s.get("cause") and
+            len((items.get(s["iid"]) or {}).get("genres", [])) >= 2]
+
+
 def cause_choice(test, items, texts: dict, args) -> dict:
     """[ours] Does an explanation pick the planted cause among the target's genres? On test
     targets with >= 2 genres (a real choice): hit = names the cause and no other genre of the
@@ -203,8 +215,7 @@ def cause_choice(test, items, texts: dict, args) -> dict:
     first listed one: ~1/2 of targets), with 95% bootstrap CIs and paired differences of aligned
     to base and to the best echo on the same resampled targets (p one-sided, H1: aligned higher)."""
     g = Grounder(items, args.min_title_chars, args.min_ground_chars)
-    idx = [i for i, s in enumerate(test) if s.get("cause") and
-           len((items.get(s["iid"]) or {}).get("genres", [])) >= 2]
+    idx = choice_targets(test, items)
     if not idx:
         return {}
     first = lambda s: prompt_echo(s, {s["iid"]: dict(items[s["iid"]], genres=items[s["iid"]]["genres"][:1])})

@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
+import explanation_quality as eq  # noqa: E402
 from common import ExpCTRError  # noqa: E402
 
 
@@ -66,8 +67,8 @@ def choices(rows: list[dict], items: dict, clf) -> dict[str, np.ndarray]:
 
 
 def two_genre(paths, items, split) -> list[dict]:
-    rows = [s for s in common.load_split(paths, split)
-            if s.get("cause") and len((items.get(s["iid"]) or {}).get("genres", [])) >= 2]
+    samples = common.load_split(paths, split)
+    rows = [samples[i] for i in eq.choice_targets(samples, items)]
     if any(len(items[s["iid"]]["genres"]) > 2 for s in rows):
         raise ExpCTRError(f"{paths.root} {split}: a target with > 2 genres; this script "
                           "compares two (the synthetic world's items have 1-2)")
@@ -111,17 +112,14 @@ def main(argv=None) -> dict:
         for k, v in h.items():
             d = (v - h["echo_first_genre"])[B].mean(1)
             ci = [float(x) for x in np.percentile(d, [2.5, 97.5])]
-            res[split][k] = {"cause_hit": float(v.mean()),
-                             "minus_echo": float(v.mean() - h["echo_first_genre"].mean()), "ci": ci}
+            r = res[split][k] = {"cause_hit": float(v.mean()),
+                                 "minus_echo": float(v.mean() - h["echo_first_genre"].mean()), "ci": ci}
             diff = "" if k == "echo_first_genre" else \
-                f"{v.mean() - h['echo_first_genre'].mean():+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+                f"{r['minus_echo']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
             note = " (in-sample)" if split == "train" and k == "learned" else ""
             print(f"| {split} | {len(rows)} | {k}{note} | {v.mean():.3f} | {diff} |")
     return res
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ExpCTRError as e:
-        sys.exit(f"error: {e}")
+    common.cli(main)

@@ -53,14 +53,14 @@ def main(argv=None) -> dict:
     items, samples = common.load_items(paths), common.load_split(paths, a.split)
     popt = common.prompt_options(paths)
     variants = [parse_variant(v) for v in a.variant] or [(popt["question"], "")]
-    idx = [i for i, s in enumerate(samples)
-           if s.get("cause") and len((items.get(s["iid"]) or {}).get("genres", [])) >= 2]
+    idx = eq.choice_targets(samples, items)
     idx = idx[:a.max_targets] if a.max_targets else idx
     if not idx:
         raise ExpCTRError(f"{paths.root} {a.split}: no target with a cause and >= 2 genres")
     targets = [samples[i] for i in idx]  # cause_choice scores these, keyed 0..n-1
     bundle = llm.LLM(llm.run_model(paths, a.model), a.dtype, None, a.threads)
-    ca = types.SimpleNamespace(min_title_chars=8, min_ground_chars=4, n_boot=a.n_boot, seed=a.seed)
+    ca = types.SimpleNamespace(min_title_chars=eq.MIN_TITLE_CHARS, min_ground_chars=eq.MIN_GROUND_CHARS,
+                               n_boot=a.n_boot, seed=a.seed)
     out = {}
     print(f"untuned explainer, {len(idx)} {a.split} targets with >= 2 genres ({paths.root})\n")
     print("| question | assistant prefix | cause hit [95% CI] | names a wrong genre |\n|---|---|---|---|")
@@ -88,7 +88,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ExpCTRError as e:
-        sys.exit(f"error: {e}")
+    common.cli(main)

@@ -10,6 +10,8 @@ memory-mapped columns without materialising its [n, K, G] history-genre tensor:
   tpos [B], hpos [B, K]   rows of ugen: the target's genres are ugen[tpos], a history item's
                  ugen[hpos] (so a batch embeds U genre lists, not B x K)
   prof [B, F]    user-profile fields
+  uitem [U]      item ids of the U distinct items (the rows of ugen)
+  hsign [B, K, 2]  float one-hot of each history slot's label (disliked, liked; 0 0 on pads)
 A split of JSONL dicts goes through SplitArrays.from_rows first (same inputs, same order).
 """
 from __future__ import annotations
@@ -55,6 +57,16 @@ def build_vocab(train: SplitArrays, items: dict[str, dict], user_fields: list[st
             "hist_len": int(max((train.hi - train.lo).max(initial=0), 1))}
 
 
+def distinct(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(codes, return_inverse=True) for codes in [0, n), by a mark table instead of a
+    sort (a batch's B x (K + 1) item codes: ~10x faster at batch 4,096)."""
+    seen = np.zeros(n, bool)
+    seen[codes] = True
+    uniq = np.flatnonzero(seen)
+    rank = np.cumsum(seen) - 1  # rank[c]: position of code c among the distinct codes
+    return uniq, rank[codes]
+
+
 class Features:
     """Model inputs of one split; .batch(idx) -> dict of int64 tensors."""
 
@@ -86,12 +98,14 @@ class Features:
         hic = np.where(ok, np.asarray(a.hist_iid[flat.ravel()]).reshape(flat.shape), len(a.items))
         liked = np.asarray(a.hist_label[flat.ravel()]).reshape(flat.shape) == 1
         tic = np.asarray(a.iid[idx])
-        uniq, inv = np.unique(np.concatenate([tic, hic.ravel()]), return_inverse=True)
+        uniq, inv = distinct(np.concatenate([tic, hic.ravel()]), len(a.items) + 1)
         out = dict(uid=self.uid[idx], iid=self.iid[idx], tgen=self.gtab[tic],
                    hid=self.ilut[hic], hlab=np.where(ok, np.where(liked, 2, 1), 0),
                    ugen=self.gtab[uniq], tpos=inv[:len(idx)], hpos=inv[len(idx):].reshape(hic.shape),
-                   prof=self.prof[idx])
-        return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in out.items()}
+                   prof=self.prof[idx], uitem=self.ilut[uniq])
+        res = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in out.items()}
+        res["hsign"] = torch.from_numpy(np.stack([ok & ~liked, ok & liked], -1).astype(np.float32))
+        return res
 
 
 def onehot(a: SplitArrays, vocab: dict):

@@ -199,9 +199,24 @@ def warm_start(net: CTRModel, old: dict, cfg: dict) -> int:
 
 # ---- algorithm: training loop (Adam, early stopping on valid AUC, best checkpoint kept) ----
 def embedding_penalty(net: nn.Module, emb_reg: float) -> torch.Tensor:
-    """emb_reg / 2 * sum of squared embedding weights (every nn.Embedding table)."""
+    """emb_reg / 2 * sum of squared embedding weights (every nn.Embedding table): FuxiCTR's
+    embedding regulariser. Its gradient, emb_reg * W, is what Adam's weight_decay adds to the
+    gradient of those tables (L2 coupled to the gradient, not AdamW's decoupled decay), so
+    train_net applies it there (make_optimizer) instead of through the loss: the same update,
+    without a full pass over every table in the forward and backward of each step."""
     return emb_reg / 2 * sum(m.weight.pow(2).sum() for m in net.modules()
                              if isinstance(m, nn.Embedding))
+
+
+def make_optimizer(net: nn.Module, args) -> torch.optim.Adam:
+    """Adam (fused CPU kernel); the embedding tables' weight decay carries --emb-reg, i.e. the
+    gradient of embedding_penalty, on top of --weight-decay."""
+    emb = [m.weight for m in net.modules() if isinstance(m, nn.Embedding)]
+    ids = {id(p) for p in emb}
+    rest = [p for p in net.parameters() if id(p) not in ids]
+    return torch.optim.Adam([{"params": emb, "weight_decay": args.weight_decay + args.emb_reg},
+                             {"params": rest, "weight_decay": args.weight_decay}],
+                            lr=args.lr, fused=True)
 
 
 def train_net(args, data, vocab, cfg, text, paths, out_name, world):
@@ -217,7 +232,7 @@ def train_net(args, data, vocab, cfg, text, paths, out_name, world):
     feats = {s: Features(data[s], vocab) for s in ("train", "valid")}
     y = torch.from_numpy(feats["train"].labels)
     yv, uv = data["valid"].label, data["valid"].uid
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = make_optimizer(net, args)  # --emb-reg as the embedding tables' weight decay
     gen = torch.Generator().manual_seed(args.seed)  # seeded batch order
     n = len(y)
     stopper, best_state, epoch, best_epoch = common.EarlyStopping(args.patience), None, 0, 0
@@ -239,20 +254,20 @@ def train_net(args, data, vocab, cfg, text, paths, out_name, world):
                 b = feats["train"].batch(idx.numpy())
                 logit = net(b, None if text["train"] is None else text["train"][idx])
                 loss = nn.functional.binary_cross_entropy_with_logits(logit, y[idx])
-                if args.emb_reg:
-                    loss = loss + embedding_penalty(net, args.emb_reg)
-                loss.backward()
-                total += loss.item() * len(idx)  # (with --emb-reg: the penalty included)
+                loss.backward()  # (--emb-reg: its gradient is added by the optimizer)
+                total += loss.item() * len(idx)
             world.average_gradients(net.parameters(), len(idx))  # = the whole batch's gradient
             opt.step()
         speed.append(n / (time.time() - t_epoch))
         total = sum(world.gather(total))
         pv = predict_net(net, feats["valid"], text["valid"])  # every rank: the same decision
         m = evaluate_predictions(yv, pv, uv)
-        if world.main:
+        if world.main:  # train_loss: the log loss alone; emb_penalty: the L2 term at epoch end
+            with torch.no_grad():
+                pen = float(embedding_penalty(net, args.emb_reg)) if args.emb_reg else 0.0
             common.log_metrics(paths.metrics, stage="train_ctr", model=out_name, epoch=epoch,
-                               train_loss=round(total / n, 6), valid_auc=round(m["auc"], 6),
-                               valid_logloss=round(m["logloss"], 6))
+                               train_loss=round(total / n, 6), emb_penalty=round(pen, 6),
+                               valid_auc=round(m["auc"], 6), valid_logloss=round(m["logloss"], 6))
             print(f"[train_ctr] {out_name} epoch {epoch}: train loss {total / n:.4f}, "
                   f"valid AUC {m['auc']:.4f} logloss {m['logloss']:.4f}")
         if stopper.step(m["auc"]):  # NaN AUC (one-class valid): keeps the first epoch

@@ -4,15 +4,16 @@ Side by side in one process, interleaved round by round (so that a noisy core sl
 alike), on the train split of a run folder made by `data_prep.py --dataset ml-20m` (e.g. the
 2M-rating one that scripts/bench_data_path.py leaves in its work folder). Each variant trains a
 fresh DIN (seed 0) for --steps timed steps after --warmup steps: batch gathering
-(ctr_features), forward, loss with the embedding penalty, backward and Adam, as train_net does.
-Variants:
-  nn.Embedding     the lookups as torch's nn.Embedding (the code before the index_select change)
-  index_select     ctr_models.Embedding (index_select lookups; the backward is an index_add)
+(ctr_features), forward, loss, backward and Adam, as train_net does. Variants:
+  before (BEFORE)  ctr_models.py of commit BEFORE (read from git), as that commit's train_net
+                   ran it: Adam (for-each), the embedding L2 added to the loss each step
+  now              ctr_models.py / ctr_ops.py and train_ctr.make_optimizer of the working tree
+                   (fused Adam; the L2 as the embedding tables' weight decay)
   + batch B        a larger batch
   + bf16 autocast  the forward under torch.autocast(bfloat16); weights and Adam stay fp32
 Prints samples/s per variant (median over rounds) and its ratio to the first row.
---profile N instead profiles N steps of the index_select row (torch.profiler, CPU): the share of
-the step in each phase (batch gathering, forward, backward, Adam) and in matrix products (mm,
+--profile N instead profiles N steps of the working tree's step (torch.profiler, CPU): the share
+of the step in each phase (batch gathering, forward, backward, Adam) and in matrix products (mm,
 addmm, bmm), and the bound that gives: with every other operation free, a step could be at most
 1 / (matrix-product share) times faster at these settings.
 
@@ -22,6 +23,7 @@ addmm, bmm), and the bound that gives: with every other operation free, a step c
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,21 +32,41 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import ctr_features  # noqa: E402
 import ctr_models  # noqa: E402
 import train_ctr  # noqa: E402
 
 
-def make_step(feats, cfg, batch, emb_class, bf16, emb_reg):
+BEFORE = "c2c6f4a"  # the last commit before ctr_ops.py (fused attention head, float masks)
+
+
+def models_before():
+    """ctr_models.py of commit BEFORE, imported as its own module (it reads today's Features)."""
+    import importlib.util
+    import tempfile
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{BEFORE}:ctr_models.py"],
+                         capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "ctr_models_before.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("ctr_models_before", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_step(feats, cfg, batch, before, bf16, emb_reg):
     """A fresh DIN and a closure running training step i (its batch: rows i*batch...)."""
     torch.manual_seed(0)
-    net = ctr_models.build_net(cfg)
-    for m in net.modules():  # the lookup implementation under test; same weights either way
-        if isinstance(m, nn.Embedding):
-            m.__class__ = emb_class
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    if before is not None:  # that commit's train_net: plain Adam, the L2 term in the loss
+        net = before.build_net(cfg)
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    else:
+        net = ctr_models.build_net(cfg)
+        opt = train_ctr.make_optimizer(net, argparse.Namespace(lr=3e-3, weight_decay=0.0,
+                                                               emb_reg=emb_reg))
     y = torch.from_numpy(feats.labels)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     net.train()
@@ -58,7 +80,8 @@ def make_step(feats, cfg, batch, emb_class, bf16, emb_reg):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logit = net(b)
             loss = nn.functional.binary_cross_entropy_with_logits(logit.float(), y[idx])
-            loss = loss + train_ctr.embedding_penalty(net, emb_reg)
+            if before is not None:
+                loss = loss + train_ctr.embedding_penalty(net, emb_reg)
         with rf("phase: backward"):
             opt.zero_grad()
             loss.backward()
@@ -108,7 +131,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant and round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     p.add_argument("--profile", type=int, default=0,
-                   help="profile this many steps of the index_select row instead of timing variants")
+                   help="profile this many steps of the working tree's step (batch --batch) instead of timing variants")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     paths = common.RunPaths(a.run_dir)
@@ -121,13 +144,13 @@ def main():
     emb_reg = train_ctr.MODEL_DEFAULTS["din"]["emb_reg"]
     B, BB = a.batch, a.big_batch
     if a.profile:
-        return profile(make_step(feats, cfg, B, ctr_models.Embedding, False, emb_reg),
-                       a.profile, a.warmup, B)
-    variants = [(f"nn.Embedding, batch {B}", B, nn.Embedding, False),
-                (f"index_select, batch {B}", B, ctr_models.Embedding, False),
-                (f"index_select, batch {B}, bf16 autocast", B, ctr_models.Embedding, True),
-                (f"index_select, batch {BB}", BB, ctr_models.Embedding, False),
-                (f"index_select, batch {BB}, bf16 autocast", BB, ctr_models.Embedding, True)]
+        return profile(make_step(feats, cfg, B, None, False, emb_reg), a.profile, a.warmup, B)
+    old = models_before()
+    variants = [(f"before ({BEFORE}), batch {B}", B, old, False),
+                (f"before ({BEFORE}), batch {BB}", BB, old, False),
+                (f"now, batch {B}", B, None, False),
+                (f"now, batch {BB}", BB, None, False),
+                (f"now, batch {BB}, bf16 autocast", BB, None, True)]
     steps = {name: make_step(feats, cfg, b, e, bf, emb_reg) for name, b, e, bf in variants}
     speed = {name: [] for name, *_ in variants}
     for r in range(a.rounds):

@@ -88,14 +88,14 @@ def main():
     if not old.exists():
         old.mkdir()
         subprocess.run(f"git -C {ROOT} archive {LEGACY} | tar -x -C {old}", shell=True, check=True)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import gen_ml20m
     py, me, rows = sys.executable, str(Path(__file__).resolve()), []
     for n in [int(x) for x in a.sizes.split(",")]:
         raw = work / f"raw-{n}"
         if not (raw / "ratings.csv").exists():
-            got = gen_ml20m.write(raw, n, a.seed)
-            print(f"generated {got:,} ratings -> {raw}", flush=True)
+            # its own process: generated in this one, the files' memory would be counted in the
+            # peak RSS of every step forked after it (a forked child starts with its parent's RSS)
+            subprocess.run([py, str(ROOT / "scripts" / "gen_ml20m.py"), "--ratings", str(n),
+                            "--out", str(raw), "--seed", str(a.seed)], check=True)
         new = [("columnar (new)" + (f", batch {b}" if b else ""), ROOT, b)
                for b in (a.new_batch.split(",") if a.new_batch else [""])]
         codes = [("per-row (old)", old, "")] + new if n == a.old_at else new

@@ -12,7 +12,7 @@ if [ "$(cat "$_stamp" 2>/dev/null)" != "$_want" ]; then
   echo "[setup] installing requirements.txt into .venv (first time: a few minutes)"
   "$_venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
   "$_venv/bin/python" -m pip install -q -r "$_root/requirements.txt" 2>&1 | grep -v "is ignored" || true
-  "$_venv/bin/python" -c "import torch, transformers, peft, triton, gguf, sklearn, tqdm" \
+  "$_venv/bin/python" -c "import torch, transformers, peft, triton, gguf, sklearn, tqdm, numba" \
     || { echo "[setup] error: packages failed to install; see pip output above" >&2; exit 1; }
   echo "$_want" > "$_stamp"
 fi

@@ -48,7 +48,6 @@ class MLP(nn.Sequential):
         return x
 
 
-
 class Embedding(nn.Embedding):
     """nn.Embedding with its lookup as an index_select: the same values and gradients (the
     padding row gets none, as in nn.Embedding), but the backward is an index_add instead of
@@ -98,8 +97,7 @@ class CTRModel(nn.Module):
         return self.genre_mean(b["ugen"])
 
     def history_items(self, b, gm):  # [B, K, d]: each history item as item + its genre mean
-        hpos = b["hpos"]
-        return self.item(b["hid"]) + gm.index_select(0, hpos.reshape(-1)).view(*hpos.shape, -1)
+        return self.item(b["hid"]) + lookup(gm, b["hpos"])
 
     def pooled_history(self, b, gm):  # [ours] DeepFM/DCNv2: mean of the liked items, mean of
         # the disliked ones, and the history-label field (the sum of the liked / disliked sign
@@ -200,8 +198,7 @@ class DIN(CTRModel):
         ie = self.item(b["uitem"])  # [U, d]: the batch's distinct items, embedded once
         ids = self.id_fields(b, gm, ie)
         ke = ie + gm  # query / key of each distinct item: item + genre mean
-        hpos = b["hpos"]
-        hk = ke.index_select(0, hpos.reshape(-1)).view(*hpos.shape, -1)
+        hk = lookup(ke, b["hpos"])  # [B, K, d]
         hsign = b["hsign"].to(hk.dtype)
         w = self.attention(ke.index_select(0, b["tpos"]), hk, hsign).unsqueeze(-1)
         hist = [(w * hk).sum(1), (w * hsign).sum(1) @ self.sign.weight[1:]]  # = sum_k w_k sign_k

@@ -25,7 +25,7 @@ import torch.nn as nn
 import ctr_features
 from common import ExpCTRError
 from ctr_features import Features
-from ctr_ops import attention_head, relu_dropout
+from ctr_ops import bag_mean, din_attention, relu_dropout
 
 EVAL_BATCH = 4096  # samples per forward pass when predicting (no gradients)
 DIN_ATT_WIDTH = 36  # hidden units of DIN's attention MLP (the DIN paper's activation unit: 36)
@@ -89,12 +89,8 @@ class CTRModel(nn.Module):
         self.width = (3 + len(c["n_field"]) + self.HIST_FIELDS + (1 if c["text_dim"] else 0)) * d
         self.hidden = [int(h) for h in c["mlp"].split(",") if h]
 
-    def genre_mean(self, g):  # g [..., G] -> [..., d]
-        m = (g > 0).float().unsqueeze(-1)
-        return (self.genre(g) * m).sum(-2) / m.sum(-2).clamp(min=1)
-
     def genre_means(self, b):  # [U, d]: the genre mean of each distinct item of the batch
-        return self.genre_mean(b["ugen"])
+        return bag_mean(self.genre.weight, b["ugen"])  # (0 = no genre: padding)
 
     def history_items(self, b, gm):  # [B, K, d]: each history item as item + its genre mean
         return self.item(b["hid"]) + lookup(gm, b["hpos"])
@@ -178,30 +174,25 @@ class DIN(CTRModel):
         self.deep = MLP([self.width] + self.hidden, cfg["dropout"])
         self.out = nn.Linear(self.hidden[-1], 1)
 
-    def attention(self, q, hk, hsign):  # -> w [B, K]: the unit's weights, 0 on pads
-        """att([q, k, q-k, q*k, sign]) computed by parts (the same function and parameters as
-        the concatenated input, faster on CPU): split the first layer's weight into
-        W = [Wq Wk Wd Wp Ws]; then W.x = (Wq+Wd).q + [Wk-Wd Wp Ws.S].[k, q*k, onehot(sign)], so
-        the query part runs once per sample, not once per history slot, and the sign part is two
-        more input columns (S: the disliked / liked rows of the sign table). hsign [B, K, 2] is
-        the slot's one-hot sign (disliked, liked; 0 0 on pads). tests/test_train_ctr.py holds it
-        equal to the concatenation."""
-        first, act, last = self.att
-        wq, wk, wd, wp, ws = first.weight.split(self.cfg["emb_dim"], 1)
-        x = torch.cat([hk, q.unsqueeze(1) * hk, hsign], -1)
-        per_slot = nn.functional.linear(x, torch.cat([wk - wd, wp, ws @ self.sign.weight[1:].T], 1))
-        per_sample = nn.functional.linear(q, wq + wd, first.bias)
-        return attention_head(per_slot, per_sample, act.weight, last.weight, last.bias) * hsign.sum(-1)
-
     def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
         gm = self.genre_means(b)
         ie = self.item(b["uitem"])  # [U, d]: the batch's distinct items, embedded once
         ids = self.id_fields(b, gm, ie)
         ke = ie + gm  # query / key of each distinct item: item + genre mean
-        hk = lookup(ke, b["hpos"])  # [B, K, d]
-        hsign = b["hsign"].to(hk.dtype)
-        w = self.attention(ke.index_select(0, b["tpos"]), hk, hsign).unsqueeze(-1)
-        hist = [(w * hk).sum(1), (w * hsign).sum(1) @ self.sign.weight[1:]]  # = sum_k w_k sign_k
+        q = ke.index_select(0, b["tpos"])
+        # att([q, k, q-k, q*k, sign]) by parts: the first layer's weight W = [Wq Wk Wd Wp Ws]
+        # gives W.x = (Wq+Wd).q + (Wk-Wd).k + Wp.(q*k) + Ws.sign, so the query part runs once per
+        # sample, not once per history slot, and the sign part is two input columns (the
+        # disliked / liked rows of the sign table). The same function and parameters as the
+        # concatenated input (tests/test_train_ctr.py holds them equal).
+        first, act, last = self.att
+        wq, wk, wd, wp, ws = first.weight.split(self.cfg["emb_dim"], 1)
+        S = self.sign.weight[1:]  # [2, d]: disliked, liked
+        per_sample = nn.functional.linear(q, wq + wd, first.bias)
+        per_slot = torch.cat([wk - wd, wp, ws @ S.T], 1)  # on [k, q*k, onehot(sign)]
+        pooled, psign = din_attention(ke, b["hpos"], b["hsign"].to(ke.dtype), q, per_sample,
+                                      per_slot, act.weight, last.weight, last.bias)
+        hist = [pooled, psign @ S]  # sum_k w_k k, and sum_k w_k sign_k = (sum_k w_k onehot_k) S
         return self.out(self.deep(torch.cat(self.all_fields(ids, hist, text), -1))).squeeze(-1)
 
 

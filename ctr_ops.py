@@ -1,35 +1,54 @@
 """Hot operations of the ID-CTR models, written for a fast CPU training step (issue 11).
 
 Each is the same function as the torch layers it replaces, with a hand-written backward. Why: a
-DIN step on CPU is bound by passes over memory, not by its matrix products. Torch runs each
-elementwise op as its own pass over a [B, K, H] tensor (B samples x K history slots x H hidden
-units of the activation unit: 1.5M floats at batch 4,096), and PReLU, dropout and a Linear to one
-output take ~20 such passes between them in the forward and backward; its kernels that read or
-write bool tensors and its dropout masks are also slow per element: on 1.5M floats a multiply
-took 0.21 ms, `torch.where(a > 0, a, b)` 3.5 ms and `bernoulli_` 7.0 ms on the 2-core EPYC we
-measured (scripts/bench_ctr_ops.py; README, "Datasets at full size"). So the two kernels below
-are loops compiled by numba that read and write each tensor once, and the matrix products around
-them stay with torch (MKL).
+DIN step on CPU spends as much time in passes over memory as in its matrix products. Torch runs
+each element-wise op as its own pass over a [B, K, H] tensor (B samples x K history slots x H
+hidden units of the activation unit: 1.5M floats at batch 4,096), and the unit's PReLU, its
+Linear to one output, the pad mask, the pooling and their backward take ~20 such passes; its
+kernels that read or write bool tensors and its dropout masks are also slow per element: on 1.5M
+floats a multiply took 0.17 ms, `torch.where(a > 0, a, b)` 3.0 ms and `bernoulli_` 8.6 ms on the
+2-core EPYC we measured (scripts/bench_ctr_ops.py; README, "Datasets at full size"). So the
+kernels below are loops compiled by numba that read and write each tensor once, and the matrix
+products stay with torch (MKL: ~30-50 GMAC/s at these shapes, where numba loops reached ~8).
 
-  relu_dropout(x, p, training)              = Dropout(p)(ReLU()(x))
-  attention_head(P, Q, a, w, b)             = Linear(H, 1)(PReLU(a)(P + Q[:, None])).squeeze(-1)
-                                              (the last layers of DIN's activation unit)
+  relu_dropout(x, p, training)    = Dropout(p)(ReLU()(x))                        (MLP towers)
+  din_attention(ke, hpos, hsign, q, Q, W, a, w, b)                            (DIN, below)
+                                  = the activation unit Linear(H, 1)(PReLU(W.[k, q*k, sign] + Q))
+                                    on every history slot, pads masked, and the pooled history
+  bag_mean(table, idx)            = the mean of the rows idx names, 0 = padding  (genre means)
 
-Each has a pure-torch twin (`relu_dropout_torch`, `prelu_linear`): the reference that
-tests/test_ctr_ops.py holds it to in float64 (values and every gradient), and the path taken for
-dtypes the kernels do not compile (bf16 under autocast). Both kernels give the same result for any
-thread count: every output element is computed by one loop iteration, and the backward's
-reductions are summed in PARTS fixed chunks.
+Each has a pure-torch twin (`relu_dropout_torch`, `din_attention_torch`, `bag_mean_torch`): the
+reference that tests/test_ctr_ops.py holds it to in float64 (values and every gradient), and the
+path taken for dtypes the kernels do not compile (bf16 under autocast). The kernels give the same
+result for any thread count: every output element is computed by one loop iteration, and the
+backward's reductions are summed in PARTS fixed chunks or in order (the one exception: the
+gradient of din_attention's W, a torch matrix product).
 """
 from __future__ import annotations
 
-import numba
-import numpy as np
-import torch
+import os
+
+# Under torchrun each process gets its share of the cores (parallel.World.threads). numba starts
+# its thread pool once, NUMBA_NUM_THREADS workers (default: every core), so that number is set
+# before numba is imported: with a 2-worker pool in each of 2 processes on this 2-core machine,
+# train_ctr DIN ran at 31k samples/s, with 1 worker each at 173k.
+if "LOCAL_WORLD_SIZE" in os.environ and "NUMBA_NUM_THREADS" not in os.environ:
+    os.environ["NUMBA_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 FASTMATH = {"reassoc", "contract"}  # let LLVM vectorise the sums (reordered adds); NaN/inf kept
 PARTS = 16  # fixed chunks of the backward's partial sums: the same result whatever the threads
 KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _threads():  # the kernels use torch's thread count (train_ctr --threads; 1 per rank under torchrun)
+    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
 
 
 # ---- ReLU followed by inverted dropout --------------------------------------------------
@@ -60,6 +79,7 @@ class _ReLUDropout(torch.autograd.Function):
     def forward(ctx, x, p: float):
         x2 = x.detach().contiguous().reshape(-1, x.shape[-1])
         y, mask = torch.empty_like(x2), torch.empty_like(x2)
+        _threads()
         seed = int(torch.randint(0, 2 ** 62, ())) if p > 0 else 0  # torch.manual_seed rules it
         t = x2.numpy().dtype.type
         _relu_dropout_kernel(x2.numpy(), np.uint64(seed), np.float32(p), t(1.0 / (1.0 - p)), t(0),
@@ -89,100 +109,229 @@ def relu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return _ReLUDropout.apply(x, p)
 
 
-# ---- DIN's activation unit: PReLU followed by a linear layer to one output ---------------
+# ---- DIN's activation unit and the attention pooling, fused -----------------------------
+# For sample s and history slot k (item row r = hpos[s, k] of ke, one-hot sign h = hsign[s, k]):
+#   x     = [ke[r], q[s] * ke[r], h]                  (row n = s K + k of X [B K, 2d + 2])
+#   pre   = W.x + Q[s]                                (the unit's first layer, by parts)
+#   att   = w . PReLU_a(pre) + b,    m = h[0] + h[1]  (0 on pads)
+#   pooled[s] = sum_k m att ke[r],   psign[s] = sum_k m att h
+# The products W.x (forward) and their two gradients (backward) are matrix products left to
+# torch (MKL: ~30-50 GMAC/s at these shapes, where a numba loop reached ~8); the kernels below do
+# everything around them in one pass each: building X, and the head, mask and pooling.
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _head_forward(P, Q, a, w, b, zero, out):
-    B, K, H = P.shape
+def _din_rows(ke, hpos, hsign, q, X):  # X[s K + k] = [ke[r], q[s] * ke[r], h]
+    B, K = hpos.shape
+    d = ke.shape[1]
     for s in numba.prange(B):
         for k in range(K):
-            acc = b
-            for j in range(H):
-                pre = P[s, k, j] + Q[s, j]
-                acc += w[j] * (max(pre, zero) + a * min(pre, zero))
-            out[s, k] = acc
+            n, r = s * K + k, hpos[s, k]
+            for i in range(d):
+                X[n, i] = ke[r, i]
+                X[n, d + i] = q[s, i] * ke[r, i]
+            X[n, 2 * d], X[n, 2 * d + 1] = hsign[s, k, 0], hsign[s, k, 1]
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _head_backward(P, Q, a, w, g, zero, one, gP, gQ, part_w, part_a):
-    B, K, H = P.shape
-    T = part_a.shape[0]
-    for t in numba.prange(T):  # chunk t of the samples; its partial sums in part_*[t]
-        pa = zero
+def _din_head_forward(P, Q, X, a, w, b, zero, pooled, psign, att):
+    B, H = Q.shape
+    K, d = P.shape[0] // B, pooled.shape[1]
+    for s in numba.prange(B):
+        for i in range(d):
+            pooled[s, i] = zero
+        psign[s, 0], psign[s, 1] = zero, zero
+        for k in range(K):
+            n = s * K + k
+            acc = b
+            for j in range(H):
+                pre = P[n, j] + Q[s, j]
+                acc += w[j] * (max(pre, zero) + a * min(pre, zero))
+            h0, h1 = X[n, 2 * d], X[n, 2 * d + 1]
+            wk = acc * (h0 + h1)  # 0 on pads: nothing pooled
+            att[s, k] = wk
+            for i in range(d):
+                pooled[s, i] += wk * X[n, i]
+            psign[s, 0] += wk * h0
+            psign[s, 1] += wk * h1
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _din_head_backward(P, Q, X, a, w, zero, one, gpool, gps, gpre, gQ, p_w, p_ab):
+    B, H = Q.shape
+    K, d = P.shape[0] // B, gpool.shape[1]
+    T = p_ab.shape[0]
+    for t in numba.prange(T):  # chunk t of the samples; its partial sums in p_*[t]
+        pa, pb = zero, zero
         for s in range(t * B // T, (t + 1) * B // T):
             for j in range(H):
                 gQ[s, j] = zero
             for k in range(K):
-                gk = g[s, k]
+                n = s * K + k
+                h0, h1 = X[n, 2 * d], X[n, 2 * d + 1]
+                g = gps[s, 0] * h0 + gps[s, 1] * h1  # d loss / d (m att)
+                for i in range(d):
+                    g += gpool[s, i] * X[n, i]
+                g *= h0 + h1  # d loss / d att
+                pb += g
                 for j in range(H):
-                    pre = P[s, k, j] + Q[s, j]
+                    pre = P[n, j] + Q[s, j]
                     neg = min(pre, zero)
-                    part_w[t, j] += gk * (max(pre, zero) + a * neg)  # d out / d w = prelu(pre)
-                    pa += gk * w[j] * neg  # d out / d a = w . min(pre, 0)
-                    d = gk * w[j] * (one if pre > zero else a)  # d out / d pre
-                    gP[s, k, j] = d
-                    gQ[s, j] += d
-        part_a[t] = pa
+                    p_w[t, j] += g * (max(pre, zero) + a * neg)  # d att / d w = prelu(pre)
+                    pa += g * w[j] * neg  # d att / d a = w . min(pre, 0)
+                    gp = g * w[j] * (one if pre > zero else a)  # d att / d pre
+                    gpre[n, j] = gp
+                    gQ[s, j] += gp
+        p_ab[t, 0], p_ab[t, 1] = pa, pb
 
 
-class _AttentionHead(torch.autograd.Function):
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _din_key_grads(gX, X, q, att, gpool, zero, gk, gq):  # x = [k, q * k, h] -> d / d k, d / d q
+    B, d = q.shape
+    K = X.shape[0] // B
+    for s in numba.prange(B):
+        for i in range(d):
+            gq[s, i] = zero
+        for k in range(K):
+            n = s * K + k
+            for i in range(d):
+                gk[n, i] = gX[n, i] + q[s, i] * gX[n, d + i] + att[s, k] * gpool[s, i]
+                gq[s, i] += gX[n, d + i] * X[n, i]
+
+
+@numba.njit(cache=True)
+def _scatter_rows(idx, src, out):  # out[idx[n]] += src[n], in order (serial: the same sums always)
+    n, d = src.shape
+    for r in range(n):
+        for i in range(d):
+            out[idx[r], i] += src[r, i]
+
+
+class _DINAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, P, Q, a, w, b):
-        P, Q = P.detach().contiguous(), Q.detach().contiguous()
-        t = P.numpy().dtype.type
-        out = torch.empty(P.shape[:2], dtype=P.dtype)
-        _head_forward(P.numpy(), Q.numpy(), t(float(a)), w.detach().reshape(-1).to(P.dtype).numpy(),
-                      t(float(b)), t(0), out.numpy())
-        ctx.save_for_backward(P, Q, a, w)
+    def forward(ctx, ke, hpos, hsign, q, Q, W, a, w, b):
+        c = lambda x: x.detach().contiguous()
+        ke, hpos, hsign, q, Q = c(ke), c(hpos), c(hsign), c(q), c(Q)
+        t, (B, K), (U, d) = ke.numpy().dtype.type, hpos.shape, ke.shape
+        _threads()
+        X = torch.empty(B * K, 2 * d + 2, dtype=ke.dtype)
+        _din_rows(ke.numpy(), hpos.numpy(), hsign.numpy(), q.numpy(), X.numpy())
+        Wd = c(W.to(ke.dtype))
+        P = X @ Wd.T
+        wv = c(w.reshape(-1).to(ke.dtype))
+        pooled, psign = torch.empty(B, d, dtype=ke.dtype), torch.empty(B, 2, dtype=ke.dtype)
+        att = torch.empty(B, K, dtype=ke.dtype)
+        _din_head_forward(P.numpy(), Q.numpy(), X.numpy(), t(float(a)), wv.numpy(), t(float(b)), t(0),
+                          pooled.numpy(), psign.numpy(), att.numpy())
+        ctx.save_for_backward(hpos, q, Q, X, P, Wd, a, wv, att)
+        ctx.info = (U, W.dtype, w.dtype, w.shape, b.dtype)
+        return pooled, psign
+
+    @staticmethod
+    def backward(ctx, gpool, gps):
+        hpos, q, Q, X, P, Wd, a, wv, att = ctx.saved_tensors
+        U, W_dt, w_dt, w_shape, b_dt = ctx.info
+        t, (B, H), d = q.numpy().dtype.type, Q.shape, q.shape[1]
+        _threads()
+        gpool, gps = gpool.to(q.dtype).contiguous(), gps.to(q.dtype).contiguous()
+        gpre, gQ = torch.empty_like(P), torch.empty_like(Q)
+        p_w, p_ab = np.zeros((PARTS, H), t), np.zeros((PARTS, 2), t)
+        _din_head_backward(P.numpy(), Q.numpy(), X.numpy(), t(float(a)), wv.numpy(), t(0), t(1),
+                           gpool.numpy(), gps.numpy(), gpre.numpy(), gQ.numpy(), p_w, p_ab)
+        gX, gW = gpre @ Wd, gpre.T @ X  # the first layer's products
+        gk, gq = torch.empty(X.shape[0], d, dtype=q.dtype), torch.empty_like(q)
+        _din_key_grads(gX.numpy(), X.numpy(), q.numpy(), att.numpy(), gpool.numpy(), t(0), gk.numpy(),
+                       gq.numpy())
+        gke = torch.zeros(U, d, dtype=q.dtype)
+        _scatter_rows(hpos.reshape(-1).numpy(), gk.numpy(), gke.numpy())
+        ab = p_ab.sum(0)
+        return (gke, None, None, gq, gQ, gW.to(W_dt), torch.tensor([ab[0]], dtype=a.dtype),
+                torch.from_numpy(p_w.sum(0)).to(w_dt).view(w_shape), torch.tensor([ab[1]], dtype=b_dt))
+
+
+def din_attention_torch(ke, hpos, hsign, q, Q, W, a, w, b):
+    """The twin in torch layers (the reference; bf16 under autocast)."""
+    hk = ke.index_select(0, hpos.reshape(-1)).view(*hpos.shape, ke.shape[1])
+    X = torch.cat([hk, q.unsqueeze(1) * hk, hsign], -1)
+    pre = F.linear(X, W) + Q.unsqueeze(1)
+    att = (F.linear(F.prelu(pre, a), w, b).squeeze(-1) * hsign.sum(-1)).unsqueeze(-1)
+    return (att * hk).sum(1), (att * hsign).sum(1)
+
+
+def din_attention(ke, hpos, hsign, q, Q, W, a, w, b):
+    """DIN's activation unit and attention pooling over the history (see above): ke [U, d] the
+    keys of the batch's distinct items, hpos [B, K] each slot's row of ke, hsign [B, K, 2] its
+    one-hot sign (0 0 on pads), q [B, d] the target's key, Q [B, H] the per-sample part of the
+    first layer (bias included), W [H, 2d + 2] its per-slot part, a the PReLU slope, w [1, H] and
+    b [1] the last layer. -> (pooled [B, d], psign [B, 2])."""
+    if ke.dtype not in KERNEL_DTYPES or len({x.dtype for x in (ke, hsign, q, Q)}) > 1:
+        return din_attention_torch(ke, hpos, hsign, q, Q, W, a, w, b)
+    return _DINAttention.apply(ke, hpos, hsign, q, Q, W, a, w, b)
+
+
+# ---- mean of embedding rows (an item's genres) ------------------------------------------
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _bag_mean_forward(table, idx, zero, out):  # out[u] = mean of table[idx[u, g]] over idx > 0
+    U, G = idx.shape
+    d = table.shape[1]
+    for u in numba.prange(U):
+        for i in range(d):
+            out[u, i] = zero
+        n = 0
+        for g in range(G):
+            r = idx[u, g]
+            if r > 0:
+                n += 1
+                for i in range(d):
+                    out[u, i] += table[r, i]
+        if n > 1:
+            for i in range(d):
+                out[u, i] /= n
+
+
+@numba.njit(cache=True, fastmath=FASTMATH)
+def _bag_mean_backward(idx, gout, gtable):  # serial, in order: the same sums always
+    U, G = idx.shape
+    d = gout.shape[1]
+    for u in range(U):
+        n = 0
+        for g in range(G):
+            n += idx[u, g] > 0
+        for g in range(G):
+            r = idx[u, g]
+            if r > 0:
+                for i in range(d):
+                    gtable[r, i] += gout[u, i] / n
+
+
+class _BagMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table, idx):
+        table, idx = table.detach().contiguous(), idx.contiguous()
+        _threads()
+        out = torch.empty(idx.shape[0], table.shape[1], dtype=table.dtype)
+        _bag_mean_forward(table.numpy(), idx.numpy(), table.numpy().dtype.type(0), out.numpy())
+        ctx.save_for_backward(idx)
+        ctx.shape = table.shape
         return out
 
     @staticmethod
-    def backward(ctx, g):
-        P, Q, a, w = ctx.saved_tensors
-        t = P.numpy().dtype.type
-        gP, gQ = torch.empty_like(P), torch.empty_like(Q)
-        part_w, part_a = np.zeros((PARTS, P.shape[2]), t), np.zeros(PARTS, t)
-        g = g.detach().to(P.dtype).contiguous()
-        _head_backward(P.numpy(), Q.numpy(), t(float(a)), w.detach().reshape(-1).to(P.dtype).numpy(),
-                       g.numpy(), t(0), t(1), gP.numpy(), gQ.numpy(), part_w, part_a)
-        return (gP, gQ, torch.from_numpy(part_a.sum(keepdims=True)).to(a.dtype).view_as(a),
-                torch.from_numpy(part_w.sum(0)).to(w.dtype).view_as(w), g.sum().to(w.dtype).view(1))
+    def backward(ctx, gout):
+        (idx,) = ctx.saved_tensors
+        gtable = torch.zeros(ctx.shape, dtype=gout.dtype)
+        _bag_mean_backward(idx.numpy(), gout.contiguous().numpy(), gtable.numpy())
+        return gtable, None
 
 
-class _PReLULinear(torch.autograd.Function):  # the twin's backward without bool ops or k=1 mm
-    @staticmethod
-    def forward(ctx, pre, a, w, b):
-        wp, bp = w.to(pre.dtype), b.to(pre.dtype)  # (under bf16 autocast pre is bf16)
-        neg = pre.clamp(max=0)
-        h = torch.add(pre, neg, alpha=float(a) - 1.0)  # = relu(pre) + a * min(pre, 0)
-        out = torch.addmv(bp, h.reshape(-1, h.shape[-1]), wp.reshape(-1))
-        ctx.save_for_backward(neg, h, a, wp)
-        ctx.w_dtype = w.dtype
-        return out.view(pre.shape[:-1])
-
-    @staticmethod
-    def backward(ctx, g):
-        neg, h, a, w = ctx.saved_tensors
-        H, dt = h.shape[-1], ctx.w_dtype
-        g2, w1 = g.reshape(-1).to(h.dtype), w.reshape(-1)
-        gw = torch.mv(h.reshape(-1, H).T, g2).view_as(w).to(dt)
-        gb = g2.sum().view(1).to(dt)
-        ga = torch.dot(torch.mv(neg.reshape(-1, H), w1), g2).view_as(a).to(a.dtype)
-        # d out / d pre = w * (1 where pre > 0, a where pre < 0): sign(neg) is -1 or 0
-        slope = torch.sign(neg).mul_(1.0 - float(a)).add_(1.0)
-        gpre = slope.mul_(g2.view(*neg.shape[:-1], 1)).mul_(w1)
-        return gpre, ga, gw, gb
+def bag_mean_torch(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The twin in torch ops (the reference; bf16 under autocast)."""
+    m = (idx > 0).to(table.dtype).unsqueeze(-1)
+    rows = table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])
+    return (rows * m).sum(-2) / m.sum(-2).clamp(min=1)
 
 
-def prelu_linear(pre: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
-    """The twin in torch ops: Linear(H, 1)(PReLU(a)(pre)).squeeze(-1) for pre [..., H], a
-    one-slope PReLU weight [1], w [1, H], b [1]."""
-    return _PReLULinear.apply(pre, a, w, b)
-
-
-def attention_head(P: torch.Tensor, Q: torch.Tensor, a, w, b) -> torch.Tensor:
-    """prelu_linear(P + Q.unsqueeze(1), a, w, b) for P [B, K, H] (the per-slot part of the unit's
-    first layer), Q [B, H] (the per-sample part, bias included): one pass over P forward, one
-    over P and its gradient backward."""
-    if P.dtype not in KERNEL_DTYPES or P.dtype != Q.dtype:
-        return prelu_linear(P + Q.unsqueeze(1), a, w, b)
-    return _AttentionHead.apply(P, Q, a, w, b)
+def bag_mean(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Row u: the mean of table[idx[u, g]] over the g with idx[u, g] > 0 (0 = padding, which gets
+    no gradient), 0 where there is none. idx [U, G] int64 -> [U, d]. One pass over the rows; the
+    backward adds each row's share into the table in order (no scatter_add of U x G rows)."""
+    if table.dtype not in KERNEL_DTYPES:
+        return bag_mean_torch(table, idx)
+    return _BagMean.apply(table, idx)

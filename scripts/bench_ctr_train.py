@@ -7,6 +7,8 @@ fresh DIN (seed 0) for --steps timed steps after --warmup steps: batch gathering
 (ctr_features), forward, loss, backward and Adam, as train_net does. Variants:
   before (BEFORE)  ctr_models.py of commit BEFORE (read from git), as that commit's train_net
                    ran it: Adam (for-each), the embedding L2 added to the loss each step
+  previous (PREVIOUS)  ctr_models.py and ctr_ops.py of commit PREVIOUS (numba head only), with
+                   today's optimizer (as that commit's train_net ran it)
   now              ctr_models.py / ctr_ops.py and train_ctr.make_optimizer of the working tree
                    (fused Adam; the L2 as the embedding tables' weight decay)
   + batch B        a larger batch
@@ -41,30 +43,44 @@ import train_ctr  # noqa: E402
 
 
 BEFORE = "c2c6f4a"  # the last commit before ctr_ops.py (fused attention head, float masks)
+PREVIOUS = "509ac5a"  # ctr_ops.py's numba PReLU + Linear head, before the fused unit + pooling
 
 
-def models_before():
-    """ctr_models.py of commit BEFORE, imported as its own module (it reads today's Features)."""
+def models_at(commit: str):
+    """ctr_models.py of `commit`, imported as its own module (it reads today's Features), with
+    that commit's ctr_ops.py where it had one."""
     import importlib.util
     import tempfile
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{BEFORE}:ctr_models.py"],
-                         capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "ctr_models_before.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("ctr_models_before", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    folder = Path(tempfile.mkdtemp())
+
+    def load(name):
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{name}.py"],
+                             capture_output=True, text=True)
+        if src.returncode:
+            return None
+        (folder / f"{name}_{commit}.py").write_text(src.stdout)
+        spec = importlib.util.spec_from_file_location(f"{name}_{commit}", folder / f"{name}_{commit}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    ops, now = load("ctr_ops"), sys.modules["ctr_ops"]
+    sys.modules["ctr_ops"] = ops or now  # what its `from ctr_ops import ...` reads
+    try:
+        return load("ctr_models")
+    finally:
+        sys.modules["ctr_ops"] = now
 
 
-def make_step(feats, cfg, batch, before, bf16, emb_reg):
-    """A fresh DIN and a closure running training step i (its batch: rows i*batch...)."""
+def make_step(feats, cfg, batch, models, bf16, emb_reg):
+    """A fresh DIN of `models` (a ctr_models module) and a closure running training step i (its
+    batch: rows i*batch...)."""
     torch.manual_seed(0)
+    before = models if models.__name__ == f"ctr_models_{BEFORE}" else None
     if before is not None:  # that commit's train_net: plain Adam, the L2 term in the loss
         net = before.build_net(cfg)
         opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     else:
-        net = ctr_models.build_net(cfg)
+        net = models.build_net(cfg)
         opt = train_ctr.make_optimizer(net, argparse.Namespace(lr=3e-3, weight_decay=0.0,
                                                                emb_reg=emb_reg))
     y = torch.from_numpy(feats.labels)
@@ -112,7 +128,7 @@ def profile(step, n: int, warmup: int, batch: int) -> None:
     print("| part | share of the step |\n|---|---|")
     for k, v in phases.items():
         print(f"| {k[7:]} | {v / total:.1%} |")
-    print(f"| matrix products ({', '.join(MATMUL_OPS)}), self time | {mm / total:.1%} |")
+    print(f"| matrix products ({', '.join(MATMUL_OPS)}), self time | {mm / total:.2%} |")
     print(f"\nwith every other operation free, a step would be at most {total / max(mm, 1):.1f}x faster")
     top = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:12]
     print("\n| op (top 12 by self time) | share |\n|---|---|")
@@ -144,13 +160,14 @@ def main():
     emb_reg = train_ctr.MODEL_DEFAULTS["din"]["emb_reg"]
     B, BB = a.batch, a.big_batch
     if a.profile:
-        return profile(make_step(feats, cfg, B, None, False, emb_reg), a.profile, a.warmup, B)
-    old = models_before()
+        return profile(make_step(feats, cfg, B, ctr_models, False, emb_reg), a.profile, a.warmup, B)
+    old, prev = models_at(BEFORE), models_at(PREVIOUS)
     variants = [(f"before ({BEFORE}), batch {B}", B, old, False),
                 (f"before ({BEFORE}), batch {BB}", BB, old, False),
-                (f"now, batch {B}", B, None, False),
-                (f"now, batch {BB}", BB, None, False),
-                (f"now, batch {BB}, bf16 autocast", BB, None, True)]
+                (f"previous ({PREVIOUS}), batch {BB}", BB, prev, False),
+                (f"now, batch {B}", B, ctr_models, False),
+                (f"now, batch {BB}", BB, ctr_models, False),
+                (f"now, batch {BB}, bf16 autocast", BB, ctr_models, True)]
     steps = {name: make_step(feats, cfg, b, e, bf, emb_reg) for name, b, e, bf in variants}
     speed = {name: [] for name, *_ in variants}
     for r in range(a.rounds):

@@ -6,7 +6,10 @@ a 95% bootstrap CI over prompts (a prompt's K samples are resampled together, as
 probe curve) and a one-sided p of "A is no better than B".
 
     python scripts/compare_probes.py --a runs/x/probe/iter_8.jsonl --b runs/y/probe/iter_8.jsonl \\
-        [--base runs/x/probe/base.jsonl] [--name-a qv --name-b top8]
+        [--base runs/x/probe/base.jsonl] [--name-a qv --name-b top8] [--exclude old/data/probe.jsonl]
+
+--exclude FILE leaves out the probe prompts whose (uid, iid) is a sample of FILE (e.g. the
+prompts an earlier, smaller probe had already shown): the comparison on fresh prompts only.
 
 The comparison is only like with like when both files score the same prompts with the same
 scorer; the script checks the prompts, the labels and the group layout, and says so if they
@@ -18,15 +21,23 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 from common import ExpCTRError  # noqa: E402
 from evaluate import paired_p_value, prompt_means, read_probe  # noqa: E402
 from metrics import percentile_ci  # noqa: E402
 
 
-def per_prompt(path: str, ref_key=None):
+def per_prompt(path: str, ref_key=None, exclude=frozenset()):
     """(mean r_LC per probe prompt, key of the rows, mean KL to the reference) of one probe file;
-    with ref_key, the file must hold the same prompts, labels and groups in the same order."""
+    with ref_key, the file must hold the same prompts, labels and groups in the same order.
+    Prompts whose (uid, iid) is in `exclude` are left out (groups renumbered in order)."""
     rows = read_probe(Path(path))
+    if exclude:
+        rows = [r for r in rows if (r["uid"], r["iid"]) not in exclude]
+        if not rows:
+            raise ExpCTRError(f"{path}: every prompt is excluded")
+        renum = {g: i for i, g in enumerate(dict.fromkeys(r["group"] for r in rows))}
+        rows = [dict(r, group=renum[r["group"]]) for r in rows]
     key = [(r["uid"], r["iid"], r["group"], r["label"]) for r in rows]
     if ref_key is not None and key != ref_key:
         raise ExpCTRError(f"{path}: other prompts, labels or groups than the first file: not like with like")
@@ -43,16 +54,20 @@ def main(argv=None):
     p.add_argument("--name-b", default="B")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude", default=None, metavar="FILE",
+                   help="JSONL of samples: leave out the probe prompts with their (uid, iid)")
     a = p.parse_args(argv)
-    A, key, kl_a = per_prompt(a.a)
-    B, _, kl_b = per_prompt(a.b, key)
+    ex = frozenset((r["uid"], r["iid"]) for r in common.read_jsonl(a.exclude)) if a.exclude else frozenset()
+    A, key, kl_a = per_prompt(a.a, None, ex)
+    B, _, kl_b = per_prompt(a.b, key, ex)
     files = {a.name_a: (A, kl_a), a.name_b: (B, kl_b)}
     if a.base:
-        base, _, kl = per_prompt(a.base, key)
+        base, _, kl = per_prompt(a.base, key, ex)
         files["base"] = (base, kl)
     resample = np.random.default_rng(a.seed).integers(0, len(A), size=(a.n_boot, len(A)))
     boot = {k: v[0][resample].mean(1) for k, v in files.items()}
-    print(f"{len(A)} prompts x {len(key) // len(A)} samples; 95% bootstrap CI over prompts, {a.n_boot} resamples\n")
+    print(f"{len(A)} prompts x {len(key) // len(A)} samples; 95% bootstrap CI over prompts, {a.n_boot} resamples"
+          + (f" (prompts in {a.exclude} left out)" if ex else "") + "\n")
     print("| policy | mean r_LC [95% CI] | KL to ref |\n|---|---|---|")
     for k, (v, kl) in files.items():
         lo, hi = percentile_ci(boot[k])

@@ -1,7 +1,7 @@
 """ctr_ops.py and the fast CTR training step against their torch references (float64): the numba
-kernels (ReLU + dropout; DIN's PReLU + Linear(H, 1) head) and the torch twin of the head (values
-and every gradient), the same results for any thread count, the batch's float sign one-hot and
-distinct-item ids, and the embedding L2 as Adam's weight decay."""
+kernels (ReLU + dropout; DIN's activation unit + pooling; the genre mean) and their torch twins
+(values and every gradient), the same results for any thread count, the batch's float sign
+one-hot and distinct-item ids, and the embedding L2 as Adam's weight decay."""
 from __future__ import annotations
 
 import argparse
@@ -36,47 +36,103 @@ def feats(tmp_path_factory):
     return ctr_features.Features(arr, vocab), vocab
 
 
-def test_prelu_linear_equals_prelu_then_linear_values_and_gradients():
-    torch.manual_seed(0)
-    pre = torch.randn(6, 5, 7, dtype=torch.float64, requires_grad=True)
-    act, lin = torch.nn.PReLU().double(), torch.nn.Linear(7, 1).double()
-    act.weight.data.fill_(0.3)
-    ours = ctr_ops.prelu_linear(pre, act.weight, lin.weight, lin.bias)
-    ref = lin(act(pre)).squeeze(-1)
-    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(ref)
-    args = [pre, act.weight, lin.weight, lin.bias]
-    for a, b in zip(torch.autograd.grad(ours, args, g), torch.autograd.grad(ref, args, g)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert torch.autograd.gradcheck(ctr_ops.prelu_linear, args)
+def threads(n):
+    """torch's thread count for a block (the kernels follow it: ctr_ops._threads)."""
+    import contextlib
 
-
-def test_attention_head_kernel_equals_its_torch_twin_values_and_gradients():
-    """The numba head on P [B, K, H] + Q [B, H] is prelu_linear(P + Q[:, None]) (itself held to
-    PReLU + Linear above): float64 to 1e-12, float32 to float32 rounding, in any thread count."""
-    torch.manual_seed(0)
-    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
-        P = torch.randn(37, 6, 9, dtype=dtype, requires_grad=True)  # 37: uneven PARTS chunks
-        Q = torch.randn(37, 9, dtype=dtype, requires_grad=True)
-        a = torch.tensor([0.2], dtype=dtype, requires_grad=True)
-        w = torch.randn(1, 9, dtype=dtype, requires_grad=True)
-        b = torch.randn(1, dtype=dtype, requires_grad=True)
-        args = [P, Q, a, w, b]
-        ours = ctr_ops.attention_head(*args)
-        ref = ctr_ops.prelu_linear(P + Q.unsqueeze(1), a, w, b)
-        torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
-        g = torch.randn_like(ref)
-        got = torch.autograd.grad(ours, args, g)
-        for x, y in zip(got, torch.autograd.grad(ref, args, g)):
-            torch.testing.assert_close(x, y, rtol=10 * tol, atol=10 * tol)
-        n = numba.get_num_threads()
+    @contextlib.contextmanager
+    def cm():
+        old = torch.get_num_threads()
+        torch.set_num_threads(n)
         try:
-            numba.set_num_threads(1)
-            one = [ctr_ops.attention_head(*args), *torch.autograd.grad(ctr_ops.attention_head(*args), args, g)]
+            yield
         finally:
-            numba.set_num_threads(n)
-        for x, y in zip(one, [ours, *got]):
-            assert torch.equal(x, y)  # bit for bit: the sums do not depend on the threads
+            torch.set_num_threads(old)
+    return cm()
+
+
+def din_inputs(dtype, B=37, K=6, d=5, H=9, U=20, seed=0):
+    """Random inputs of ctr_ops.din_attention, pads (0 0 signs) and both signs present; B = 37
+    makes uneven PARTS chunks."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype).requires_grad_()
+    lab = torch.randint(0, 3, (B, K), generator=g)
+    lab[0] = 0  # a sample with no history at all
+    hsign = torch.stack([lab == 1, lab == 2], -1).to(dtype)
+    return [r(U, d), torch.randint(0, U, (B, K), generator=g), hsign, r(B, d), r(B, H),
+            r(H, 2 * d + 2), torch.tensor([0.2], dtype=dtype, requires_grad=True), r(1, H), r(1)]
+
+
+def din_reference(ke, hpos, hsign, q, Q, W, a, w, b):
+    """DIN's activation unit and pooling written with torch's layers on the concatenated input
+    [k, q*k, sign] (+ the per-sample part Q): PReLU, Linear(H, 1), pads masked, weighted sums."""
+    hk = ke[hpos]
+    x = torch.cat([hk, q.unsqueeze(1).expand_as(hk) * hk, hsign], -1)
+    act, last = torch.nn.PReLU().to(ke.dtype), torch.nn.Linear(W.shape[0], 1).to(ke.dtype)
+    att = torch.func.functional_call(act, {"weight": a}, (x @ W.T + Q.unsqueeze(1),))
+    att = torch.func.functional_call(last, {"weight": w, "bias": b}, (att,)).squeeze(-1)
+    att = att * (hsign.sum(-1) > 0)
+    return (att.unsqueeze(-1) * hk).sum(1), (att.unsqueeze(-1) * hsign).sum(1)
+
+
+@pytest.mark.parametrize("fn", ["din_attention", "din_attention_torch"])
+def test_din_attention_equals_the_unit_on_the_concatenated_input_values_and_gradients(fn):
+    """The numba kernels (and their torch twin) are DIN's unit + pooling written with torch's
+    layers: float64 to 1e-12, float32 to float32 rounding, every gradient; pads get none."""
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        args = din_inputs(dtype)
+        diff = [x for x in args if x.requires_grad]
+        ours, ref = getattr(ctr_ops, fn)(*args), din_reference(*args)
+        for x, y in zip(ours, ref):
+            torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+        gs = [torch.randn_like(x) for x in ref]
+        got = torch.autograd.grad(ours, diff, gs)
+        for x, y in zip(got, torch.autograd.grad(ref, diff, gs)):
+            torch.testing.assert_close(x, y, rtol=10 * tol, atol=10 * tol)
+        assert torch.equal(ours[0][0], torch.zeros_like(ours[0][0]))  # no history: nothing pooled
+    assert torch.autograd.gradcheck(lambda *x: getattr(ctr_ops, fn)(*x), din_inputs(torch.float64, B=5, K=3, d=2, H=3, U=4))
+
+
+def test_din_attention_kernel_is_the_same_for_any_thread_count():
+    """Bit for bit with 1 and 2 threads: every output is one loop iteration's, the weight
+    gradients are summed in PARTS fixed chunks, the key gradients scattered in order. The one
+    exception is W's gradient, a torch matrix product (MKL sums in another order for another
+    thread count): equal to float rounding."""
+    args = din_inputs(torch.float32, B=301)
+    diff = [x for x in args if x.requires_grad]
+    runs = []
+    for n in (1, 2):
+        with threads(n):
+            out = ctr_ops.din_attention(*args)
+            runs.append([*out, *torch.autograd.grad(out, diff, [torch.ones_like(x) for x in out])])
+    names = ["pooled", "psign", "ke", "q", "Q", "W", "a", "w", "b"]
+    for name, x, y in zip(names, *runs):
+        if name == "W":
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
+        else:
+            assert torch.equal(x, y), name
+
+
+def test_bag_mean_kernel_equals_the_masked_mean_values_and_gradients():
+    """bag_mean (numba) and its torch twin: the mean of the rows named in each row of idx,
+    0 = padding (no gradient to the padding row), 0 for an empty row; any thread count."""
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        table = torch.randn(9, 4, generator=g, dtype=dtype, requires_grad=True)
+        idx = torch.randint(0, 9, (53, 5), generator=g)
+        idx[0], idx[1, 1:] = 0, 0  # an empty row, a one-genre row
+        want = torch.stack([table[[j for j in row.tolist() if j > 0]].mean(0) if (row > 0).any()
+                            else torch.zeros(4, dtype=dtype) for row in idx])
+        gout = torch.randn(53, 4, generator=g, dtype=dtype)
+        gwant = torch.autograd.grad(want, table, gout)[0]
+        assert torch.equal(gwant[0], torch.zeros(4, dtype=dtype))
+        for fn in (ctr_ops.bag_mean, ctr_ops.bag_mean_torch):
+            out = fn(table, idx)
+            torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+            torch.testing.assert_close(torch.autograd.grad(out, table, gout)[0], gwant, rtol=tol, atol=tol)
+        with threads(1):
+            one = ctr_ops.bag_mean(table, idx)
+        assert torch.equal(one, ctr_ops.bag_mean(table, idx))
 
 
 def test_relu_dropout_kernel_without_dropout_is_relu_and_its_gradient():
@@ -108,13 +164,9 @@ def test_relu_dropout_is_inverted_dropout_of_the_relu_seeded_by_torch():
     torch.manual_seed(1)
     assert torch.equal(ctr_ops.relu_dropout(x, p, True), y)
     assert not torch.equal(ctr_ops.relu_dropout(x, p, True), y)  # the next call: another mask
-    n = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
+    with threads(1):
         torch.manual_seed(1)
         assert torch.equal(ctr_ops.relu_dropout(x, p, True), y)  # whatever the thread count
-    finally:
-        numba.set_num_threads(n)
 
 
 def test_relu_dropout_torch_twin_under_bf16_is_relu_then_dropout():
@@ -183,4 +235,19 @@ def test_bench_ctr_ops_runs_every_row():
                           "--threads", "1", "--calls", "1", "--rounds", "1"],
                          capture_output=True, text=True, check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and "]" in line]
-    assert len(rows) == 10 and any("attention_head (numba)" in r for r in rows), out
+    assert len(rows) == 11 and any("din_attention (numba + MKL)" in r for r in rows), out
+
+
+def test_numba_pool_is_a_share_of_the_cores_under_torchrun():
+    """Under torchrun (LOCAL_WORLD_SIZE set) importing ctr_ops sizes numba's thread pool to this
+    process's share of the cores, unless NUMBA_NUM_THREADS is given; alone, numba's default."""
+    import os
+    code = "import ctr_ops, numba, os; print(numba.config.NUMBA_NUM_THREADS, os.cpu_count())"
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_NUM_THREADS", "LOCAL_WORLD_SIZE")}
+    run = lambda **e: [int(x) for x in subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **e},
+                                                       capture_output=True, text=True, check=True).stdout.split()]
+    n, cores = run(LOCAL_WORLD_SIZE=str(os.cpu_count() or 1))
+    assert n == 1
+    n, cores = run(LOCAL_WORLD_SIZE="1")
+    assert n == cores
+    assert run(LOCAL_WORLD_SIZE="2", NUMBA_NUM_THREADS="1")[0] == 1

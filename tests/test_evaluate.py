@@ -474,6 +474,33 @@ def test_compare_probes_pairs_two_policies_as_the_probe_curve_does(tmp_path, cap
         cp.main(["--a", str(tmp_path / "probe" / "base.jsonl"), "--b", str(tmp_path / "other.jsonl")])
 
 
+def test_compare_probes_exclude_leaves_out_the_named_prompts(tmp_path, capsys):
+    """--exclude FILE: the comparison on the prompts not in FILE equals the comparison of files
+    that never held those prompts."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("compare_probes", ROOT / "scripts" / "compare_probes.py")
+    cp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cp)
+    rng = np.random.default_rng(4)
+    rows = [{"uid": str(g), "iid": str(100 + g), "group": g, "label": int(g % 2), "kl_ref": 0.0}
+            for g in range(10) for _ in range(3)]
+    old = {1, 4, 5}  # the prompts an earlier probe had shown
+    for tag, shift in (("a", 0.3), ("b", 0.0)):
+        full = [dict(r, r_lc=float(-0.7 + shift * (r["group"] in old) + rng.normal(0, 0.2))) for r in rows]
+        common.write_jsonl(tmp_path / f"{tag}.jsonl", full)
+        kept = [r for r in full if r["group"] not in old]
+        renum = {g: i for i, g in enumerate(dict.fromkeys(r["group"] for r in kept))}
+        common.write_jsonl(tmp_path / f"{tag}_fresh.jsonl", [dict(r, group=renum[r["group"]]) for r in kept])
+    common.write_jsonl(tmp_path / "old.jsonl", [{"uid": str(g), "iid": str(100 + g), "ts": 0} for g in old])
+    cp.main(["--a", str(tmp_path / "a.jsonl"), "--b", str(tmp_path / "b.jsonl"), "--exclude", str(tmp_path / "old.jsonl")])
+    got = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| A - B")]
+    cp.main(["--a", str(tmp_path / "a_fresh.jsonl"), "--b", str(tmp_path / "b_fresh.jsonl")])
+    want = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| A - B")]
+    assert got == want and len(got) == 1
+    cp.main(["--a", str(tmp_path / "a.jsonl"), "--b", str(tmp_path / "b.jsonl")])
+    assert [l for l in capsys.readouterr().out.splitlines() if l.startswith("| A - B")] != want
+
+
 def test_probe_curve_leaves_out_a_policy_probed_on_other_prompts_and_says_how_to_redo_it(tmp_path):
     import argparse
     (tmp_path / "probe").mkdir()

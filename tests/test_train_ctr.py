@@ -246,7 +246,7 @@ def din_reference(net, b):
 
 
 def test_din_attention_by_parts_equals_the_concatenated_unit(run):
-    """DIN.attention splits the unit's first layer to skip the per-slot query and the sign
+    """DIN.forward splits the unit's first layer to skip the per-slot query and the sign
     concatenation: same function, same parameters, same gradients as the paper's form."""
     import ctr_features
     P = common.RunPaths(run)
@@ -300,7 +300,7 @@ def test_bench_ctr_train_runs_every_variant(run):
                           "--big-batch", "64", "--steps", "1", "--warmup", "1", "--rounds", "1"],
                          capture_output=True, text=True, check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and "x |" in line]
-    assert len(rows) == 5 and rows[0].endswith("| 1.00x |"), out
+    assert len(rows) == 6 and rows[0].endswith("| 1.00x |"), out
 
 
 def test_bench_ctr_train_profile_reports_each_phase_and_the_matmul_share(run):

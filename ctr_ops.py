@@ -17,35 +17,39 @@ products stay with torch (MKL: ~30-50 GMAC/s at these shapes, where numba loops 
                                     on every history slot, pads masked, and the pooled history
   bag_mean(table, idx)            = the mean of the rows idx names, 0 = padding  (genre means)
 
-Each has a pure-torch twin (`relu_dropout_torch`, `din_attention_torch`, `bag_mean_torch`): the
-reference that tests/test_ctr_ops.py holds it to in float64 (values and every gradient), and the
-path taken for dtypes the kernels do not compile (bf16 under autocast). The kernels give the same
-result for any thread count: every output element is computed by one loop iteration, and the
-backward's reductions are summed in PARTS fixed chunks or in order (the one exception: the
-gradient of din_attention's W, a torch matrix product).
+Each has a pure-torch twin (`relu_dropout_torch`, `din_attention_torch`, `bag_mean_torch`), the
+path taken for dtypes the kernels do not compile (bf16 under autocast); tests/test_ctr_ops.py
+holds kernel and twin to torch's layers in float64 (values and every gradient). The kernels give
+the same result for any thread count: every output element is computed by one loop iteration,
+and the backward's reductions are summed in PARTS fixed chunks or in order (din_attention's
+matrix products are torch's: its W gradient differed in the last bits between 1 and 2 threads).
 """
 from __future__ import annotations
 
 import os
+import sys
 
 # Under torchrun each process gets its share of the cores (parallel.World.threads). numba starts
-# its thread pool once, NUMBA_NUM_THREADS workers (default: every core), so that number is set
-# before numba is imported: with a 2-worker pool in each of 2 processes on this 2-core machine,
-# train_ctr DIN ran at 31k samples/s, with 1 worker each at 173k.
-if "LOCAL_WORLD_SIZE" in os.environ and "NUMBA_NUM_THREADS" not in os.environ:
-    os.environ["NUMBA_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+# its thread pool once, NUMBA_NUM_THREADS workers (default: every usable core), so that number is
+# set before numba is imported: with a 2-worker pool in each of 2 processes on the 2-core EPYC of
+# the README's benchmarks, train_ctr DIN ran at 31k samples/s, with 1 worker each at 173k.
+if os.environ.get("LOCAL_WORLD_SIZE") and "NUMBA_NUM_THREADS" not in os.environ \
+        and "numba" not in sys.modules:  # (once numba is imported, changing it would break numba)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["NUMBA_NUM_THREADS"] = str(max(1, cores // int(os.environ["LOCAL_WORLD_SIZE"])))
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.autograd.function import once_differentiable  # noqa: E402
 
 FASTMATH = {"reassoc", "contract"}  # let LLVM vectorise the sums (reordered adds); NaN/inf kept
 PARTS = 16  # fixed chunks of the backward's partial sums: the same result whatever the threads
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def _threads():  # the kernels use torch's thread count (train_ctr --threads; 1 per rank under torchrun)
+def _threads():  # the kernels use torch's thread count (train_ctr --threads, shared by the ranks)
     n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
@@ -113,7 +117,7 @@ def relu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 # For sample s and history slot k (item row r = hpos[s, k] of ke, one-hot sign h = hsign[s, k]):
 #   x     = [ke[r], q[s] * ke[r], h]                  (row n = s K + k of X [B K, 2d + 2])
 #   pre   = W.x + Q[s]                                (the unit's first layer, by parts)
-#   att   = w . PReLU_a(pre) + b,    m = h[0] + h[1]  (0 on pads)
+#   att   = w . PReLU_a(pre) + b,    m = h[0] + h[1]  (0 on pads; the kernels' `att` is m att)
 #   pooled[s] = sum_k m att ke[r],   psign[s] = sum_k m att h
 # The products W.x (forward) and their two gradients (backward) are matrix products left to
 # torch (MKL: ~30-50 GMAC/s at these shapes, where a numba loop reached ~8); the kernels below do
@@ -205,18 +209,17 @@ def _scatter_rows(idx, src, out):  # out[idx[n]] += src[n], in order (serial: th
             out[idx[r], i] += src[r, i]
 
 
-class _DINAttention(torch.autograd.Function):
+class _DINAttention(torch.autograd.Function):  # (no double backward: numba computes the grads)
     @staticmethod
     def forward(ctx, ke, hpos, hsign, q, Q, W, a, w, b):
-        c = lambda x: x.detach().contiguous()
-        ke, hpos, hsign, q, Q = c(ke), c(hpos), c(hsign), c(q), c(Q)
+        ke, hpos, hsign, q, Q = (x.detach().contiguous() for x in (ke, hpos, hsign, q, Q))
         t, (B, K), (U, d) = ke.numpy().dtype.type, hpos.shape, ke.shape
         _threads()
         X = torch.empty(B * K, 2 * d + 2, dtype=ke.dtype)
         _din_rows(ke.numpy(), hpos.numpy(), hsign.numpy(), q.numpy(), X.numpy())
-        Wd = c(W.to(ke.dtype))
+        Wd = W.detach().to(ke.dtype).contiguous()
         P = X @ Wd.T
-        wv = c(w.reshape(-1).to(ke.dtype))
+        wv = w.detach().reshape(-1).to(ke.dtype).contiguous()
         pooled, psign = torch.empty(B, d, dtype=ke.dtype), torch.empty(B, 2, dtype=ke.dtype)
         att = torch.empty(B, K, dtype=ke.dtype)
         _din_head_forward(P.numpy(), Q.numpy(), X.numpy(), t(float(a)), wv.numpy(), t(float(b)), t(0),
@@ -226,10 +229,11 @@ class _DINAttention(torch.autograd.Function):
         return pooled, psign
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gpool, gps):
         hpos, q, Q, X, P, Wd, a, wv, att = ctx.saved_tensors
         U, W_dt, w_dt, w_shape, b_dt = ctx.info
-        t, (B, H), d = q.numpy().dtype.type, Q.shape, q.shape[1]
+        t, H, d = q.numpy().dtype.type, Q.shape[1], q.shape[1]
         _threads()
         gpool, gps = gpool.to(q.dtype).contiguous(), gps.to(q.dtype).contiguous()
         gpre, gQ = torch.empty_like(P), torch.empty_like(Q)
@@ -260,9 +264,11 @@ def din_attention(ke, hpos, hsign, q, Q, W, a, w, b):
     """DIN's activation unit and attention pooling over the history (see above): ke [U, d] the
     keys of the batch's distinct items, hpos [B, K] each slot's row of ke, hsign [B, K, 2] its
     one-hot sign (0 0 on pads), q [B, d] the target's key, Q [B, H] the per-sample part of the
-    first layer (bias included), W [H, 2d + 2] its per-slot part, a the PReLU slope, w [1, H] and
-    b [1] the last layer. -> (pooled [B, d], psign [B, 2])."""
-    if ke.dtype not in KERNEL_DTYPES or len({x.dtype for x in (ke, hsign, q, Q)}) > 1:
+    first layer (bias included), W [H, 2d + 2] its per-slot part, a [1] the (one) PReLU slope,
+    w [1, H] and b [1] the last layer. -> (pooled [B, d], psign [B, 2]). hpos and hsign get no
+    gradient from the kernels (they are data)."""
+    if (ke.dtype not in KERNEL_DTYPES or len({x.dtype for x in (ke, hsign, q, Q)}) > 1
+            or not hpos.numel()):  # (an empty batch: the twin's empty result)
         return din_attention_torch(ke, hpos, hsign, q, Q, W, a, w, b)
     return _DINAttention.apply(ke, hpos, hsign, q, Q, W, a, w, b)
 
@@ -314,6 +320,7 @@ class _BagMean(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gout):
         (idx,) = ctx.saved_tensors
         gtable = torch.zeros(ctx.shape, dtype=gout.dtype)

@@ -3,9 +3,9 @@
 Side by side in one process, interleaved round by round (a noisy core slows every row alike),
 forward + backward of each operation on random inputs at batch --batch (history length 10,
 embedding size 16, activation-unit width 36, MLP width 128, 1.8 x batch distinct items of up to
-3 genres), and a few single torch ops on the same 1.5M-float
-tensor, which show why the kernels avoid bool tensors and dropout's bernoulli_. Prints ms per
-call (median over rounds). Not a test: nothing here checks a speed.
+3 genres), and a few single torch ops on the same 1.5M-float tensor, which show why the kernels
+avoid bool tensors and dropout's bernoulli_. Prints ms per call (median over rounds). Not a
+test: nothing here checks a speed.
 
     python scripts/bench_ctr_ops.py --threads 2
 """
@@ -44,18 +44,22 @@ def cases(B: int, K: int = 10, d: int = 16, H: int = 36, M: int = 128, G: int = 
     def fb(f, out_grad, inputs):
         inputs = [t for t in inputs if t.requires_grad]
         return lambda: torch.autograd.grad(f(), inputs, out_grad)
+    one = f"one op on {B * K * H:,} floats:"
     return {
-        "DIN unit + pooling: torch layers (din_attention_torch)": fb(lambda: ctr_ops.din_attention_torch(*din), gdin, din),
-        "DIN unit + pooling: ctr_ops.din_attention (numba + MKL)": fb(lambda: ctr_ops.din_attention(*din), gdin, din),
+        "DIN unit + pooling: torch layers (din_attention_torch)":
+            fb(lambda: ctr_ops.din_attention_torch(*din), gdin, din),
+        "DIN unit + pooling: ctr_ops.din_attention (numba + MKL)":
+            fb(lambda: ctr_ops.din_attention(*din), gdin, din),
         "genre mean: torch ops (bag_mean_torch)": fb(lambda: ctr_ops.bag_mean_torch(table, gidx), gg, [table]),
         "genre mean: ctr_ops.bag_mean (numba)": fb(lambda: ctr_ops.bag_mean(table, gidx), gg, [table]),
         "ReLU + Dropout(0.1): torch layers": fb(lambda: ctr_ops.relu_dropout_torch(x, 0.1, True), gx, [x]),
-        "ReLU + Dropout(0.1): ctr_ops.relu_dropout (numba)": fb(lambda: ctr_ops.relu_dropout(x, 0.1, True), gx, [x]),
-        f"one op on {B * K * H:,} floats: a * b": lambda: flat * other,
-        f"one op on {B * K * H:,} floats: torch.where(a > 0, a, b)": lambda: torch.where(flat > 0, flat, other),
-        f"one op on {B * K * H:,} floats: (a > 0).float()": lambda: (flat > 0).float(),
-        f"one op on {B * K * H:,} floats: a.clamp(min=0)": lambda: flat.clamp(min=0),
-        f"one op on {B * K * H:,} floats: bernoulli_(0.9)": lambda: torch.empty_like(flat).bernoulli_(0.9),
+        "ReLU + Dropout(0.1): ctr_ops.relu_dropout (numba)":
+            fb(lambda: ctr_ops.relu_dropout(x, 0.1, True), gx, [x]),
+        f"{one} a * b": lambda: flat * other,
+        f"{one} torch.where(a > 0, a, b)": lambda: torch.where(flat > 0, flat, other),
+        f"{one} (a > 0).float()": lambda: (flat > 0).float(),
+        f"{one} a.clamp(min=0)": lambda: flat.clamp(min=0),
+        f"{one} bernoulli_(0.9)": lambda: torch.empty_like(flat).bernoulli_(0.9),
     }
 
 

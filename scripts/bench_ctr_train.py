@@ -66,16 +66,21 @@ def models_at(commit: str):
     ops, now = load("ctr_ops"), sys.modules["ctr_ops"]
     sys.modules["ctr_ops"] = ops or now  # what its `from ctr_ops import ...` reads
     try:
-        return load("ctr_models")
+        models = load("ctr_models")
     finally:
         sys.modules["ctr_ops"] = now
+    if models is None:
+        sys.exit(f"bench_ctr_train.py: cannot read ctr_models.py of commit {commit} (a shallow clone?)")
+    return models
 
 
-def make_step(feats, cfg, batch, models, bf16, emb_reg):
+def make_step(feats, cfg, batch, models, bf16, emb_reg, loss_l2=False):
     """A fresh DIN of `models` (a ctr_models module) and a closure running training step i (its
-    batch: rows i*batch...)."""
+    batch: rows i*batch...). loss_l2: as commit BEFORE's train_net ran it (plain Adam, the
+    embedding L2 term added to the loss), else train_ctr.make_optimizer's fused Adam with the L2
+    as the tables' weight decay."""
     torch.manual_seed(0)
-    before = models if models.__name__ == f"ctr_models_{BEFORE}" else None
+    before = models if loss_l2 else None
     if before is not None:  # that commit's train_net: plain Adam, the L2 term in the loss
         net = before.build_net(cfg)
         opt = torch.optim.Adam(net.parameters(), lr=3e-3)
@@ -162,13 +167,13 @@ def main():
     if a.profile:
         return profile(make_step(feats, cfg, B, ctr_models, False, emb_reg), a.profile, a.warmup, B)
     old, prev = models_at(BEFORE), models_at(PREVIOUS)
-    variants = [(f"before ({BEFORE}), batch {B}", B, old, False),
-                (f"before ({BEFORE}), batch {BB}", BB, old, False),
-                (f"previous ({PREVIOUS}), batch {BB}", BB, prev, False),
-                (f"now, batch {B}", B, ctr_models, False),
-                (f"now, batch {BB}", BB, ctr_models, False),
-                (f"now, batch {BB}, bf16 autocast", BB, ctr_models, True)]
-    steps = {name: make_step(feats, cfg, b, e, bf, emb_reg) for name, b, e, bf in variants}
+    variants = [(f"before ({BEFORE}), batch {B}", B, old, False, True),
+                (f"before ({BEFORE}), batch {BB}", BB, old, False, True),
+                (f"previous ({PREVIOUS}), batch {BB}", BB, prev, False, False),
+                (f"now, batch {B}", B, ctr_models, False, False),
+                (f"now, batch {BB}", BB, ctr_models, False, False),
+                (f"now, batch {BB}, bf16 autocast", BB, ctr_models, True, False)]
+    steps = {name: make_step(feats, cfg, b, m, bf, emb_reg, l2) for name, b, m, bf, l2 in variants}
     speed = {name: [] for name, *_ in variants}
     for r in range(a.rounds):
         for name, batch, *_ in variants:

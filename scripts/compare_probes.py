@@ -57,7 +57,13 @@ def main(argv=None):
     p.add_argument("--exclude", default=None, metavar="FILE",
                    help="JSONL of samples: leave out the probe prompts with their (uid, iid)")
     a = p.parse_args(argv)
-    ex = frozenset((r["uid"], r["iid"]) for r in common.read_jsonl(a.exclude)) if a.exclude else frozenset()
+    ex = frozenset()
+    if a.exclude:
+        rows = common.read_jsonl(a.exclude)
+        for i, r in enumerate(rows, 1):
+            if "uid" not in r or "iid" not in r:
+                raise ExpCTRError(f"{a.exclude}:{i}: expected a sample with 'uid' and 'iid'")
+        ex = frozenset((r["uid"], r["iid"]) for r in rows)
     A, key, kl_a = per_prompt(a.a, None, ex)
     B, _, kl_b = per_prompt(a.b, key, ex)
     files = {a.name_a: (A, kl_a), a.name_b: (B, kl_b)}
@@ -66,8 +72,11 @@ def main(argv=None):
         files["base"] = (base, kl)
     resample = np.random.default_rng(a.seed).integers(0, len(A), size=(a.n_boot, len(A)))
     boot = {k: v[0][resample].mean(1) for k, v in files.items()}
-    print(f"{len(A)} prompts x {len(key) // len(A)} samples; 95% bootstrap CI over prompts, {a.n_boot} resamples"
-          + (f" (prompts in {a.exclude} left out)" if ex else "") + "\n")
+    left_out = len({(r["uid"], r["iid"]) for r in read_probe(Path(a.a))} & ex) if ex else 0
+    if ex and not left_out:
+        raise ExpCTRError(f"{a.exclude}: none of its samples is a prompt of {a.a}: nothing left out")
+    print(f"{len(A)} prompts x {len(key) // len(A)} samples; 95% bootstrap CI over prompts, "
+          f"{a.n_boot} resamples" + (f" ({left_out} prompts of {a.exclude} left out)" if ex else "") + "\n")
     print("| policy | mean r_LC [95% CI] | KL to ref |\n|---|---|---|")
     for k, (v, kl) in files.items():
         lo, hi = percentile_ci(boot[k])

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numba
 import numpy as np
 import pytest
 import torch
@@ -90,7 +89,8 @@ def test_din_attention_equals_the_unit_on_the_concatenated_input_values_and_grad
         for x, y in zip(got, torch.autograd.grad(ref, diff, gs)):
             torch.testing.assert_close(x, y, rtol=10 * tol, atol=10 * tol)
         assert torch.equal(ours[0][0], torch.zeros_like(ours[0][0]))  # no history: nothing pooled
-    assert torch.autograd.gradcheck(lambda *x: getattr(ctr_ops, fn)(*x), din_inputs(torch.float64, B=5, K=3, d=2, H=3, U=4))
+    small = din_inputs(torch.float64, B=5, K=3, d=2, H=3, U=4)
+    assert torch.autograd.gradcheck(lambda *x: getattr(ctr_ops, fn)(*x), small)
 
 
 def test_din_attention_kernel_is_the_same_for_any_thread_count():
@@ -242,11 +242,13 @@ def test_numba_pool_is_a_share_of_the_cores_under_torchrun():
     """Under torchrun (LOCAL_WORLD_SIZE set) importing ctr_ops sizes numba's thread pool to this
     process's share of the cores, unless NUMBA_NUM_THREADS is given; alone, numba's default."""
     import os
-    code = "import ctr_ops, numba, os; print(numba.config.NUMBA_NUM_THREADS, os.cpu_count())"
+    code = "import ctr_ops, numba, os; print(numba.config.NUMBA_NUM_THREADS, len(os.sched_getaffinity(0)))"
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_NUM_THREADS", "LOCAL_WORLD_SIZE")}
-    run = lambda **e: [int(x) for x in subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **e},
-                                                       capture_output=True, text=True, check=True).stdout.split()]
-    n, cores = run(LOCAL_WORLD_SIZE=str(os.cpu_count() or 1))
+    def run(**e):
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **e},
+                             capture_output=True, text=True, check=True).stdout
+        return [int(x) for x in out.split()]
+    n, cores = run(LOCAL_WORLD_SIZE=str(len(os.sched_getaffinity(0))))
     assert n == 1
     n, cores = run(LOCAL_WORLD_SIZE="1")
     assert n == cores

@@ -492,13 +492,17 @@ def test_compare_probes_exclude_leaves_out_the_named_prompts(tmp_path, capsys):
         renum = {g: i for i, g in enumerate(dict.fromkeys(r["group"] for r in kept))}
         common.write_jsonl(tmp_path / f"{tag}_fresh.jsonl", [dict(r, group=renum[r["group"]]) for r in kept])
     common.write_jsonl(tmp_path / "old.jsonl", [{"uid": str(g), "iid": str(100 + g), "ts": 0} for g in old])
-    cp.main(["--a", str(tmp_path / "a.jsonl"), "--b", str(tmp_path / "b.jsonl"), "--exclude", str(tmp_path / "old.jsonl")])
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    cp.main(["--a", a, "--b", b, "--exclude", str(tmp_path / "old.jsonl")])
     got = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| A - B")]
     cp.main(["--a", str(tmp_path / "a_fresh.jsonl"), "--b", str(tmp_path / "b_fresh.jsonl")])
     want = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| A - B")]
     assert got == want and len(got) == 1
     cp.main(["--a", str(tmp_path / "a.jsonl"), "--b", str(tmp_path / "b.jsonl")])
     assert [l for l in capsys.readouterr().out.splitlines() if l.startswith("| A - B")] != want
+    common.write_jsonl(tmp_path / "none.jsonl", [{"uid": "x", "iid": "y"}])
+    with pytest.raises(common.ExpCTRError, match="nothing left out"):
+        cp.main(["--a", a, "--b", b, "--exclude", str(tmp_path / "none.jsonl")])
 
 
 def test_probe_curve_leaves_out_a_policy_probed_on_other_prompts_and_says_how_to_redo_it(tmp_path):

@@ -25,7 +25,7 @@ import torch.nn as nn
 import ctr_features
 from common import ExpCTRError
 from ctr_features import Features
-from ctr_ops import bag_mean, din_attention, relu_dropout
+from ctr_ops import bag_mean, din_attention, lookup, relu_dropout
 
 EVAL_BATCH = 4096  # samples per forward pass when predicting (no gradients)
 DIN_ATT_WIDTH = 36  # hidden units of DIN's attention MLP (the DIN paper's activation unit: 36)
@@ -56,11 +56,6 @@ class Embedding(nn.Embedding):
 
     def forward(self, idx):
         return lookup(self.weight, idx, self.padding_idx)
-
-
-def lookup(table, idx, padding_idx=None):  # table[idx] by index_select; no gradient to padding_idx
-    out = table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])
-    return out if padding_idx is None else out * (idx != padding_idx).unsqueeze(-1)
 
 
 class CTRModel(nn.Module):

@@ -49,6 +49,11 @@ PARTS = 16  # fixed chunks of the backward's partial sums: the same result whate
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
+def lookup(table, idx, padding_idx=None):  # table[idx] by index_select; no gradient to padding_idx
+    out = table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])
+    return out if padding_idx is None else out * (idx != padding_idx).unsqueeze(-1)
+
+
 def _threads():  # the kernels use torch's thread count (train_ctr --threads, shared by the ranks)
     n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != n:
@@ -253,7 +258,7 @@ class _DINAttention(torch.autograd.Function):  # (no double backward: numba comp
 
 def din_attention_torch(ke, hpos, hsign, q, Q, W, a, w, b):
     """The twin in torch layers (the reference; bf16 under autocast)."""
-    hk = ke.index_select(0, hpos.reshape(-1)).view(*hpos.shape, ke.shape[1])
+    hk = lookup(ke, hpos)
     X = torch.cat([hk, q.unsqueeze(1) * hk, hsign], -1)
     pre = F.linear(X, W) + Q.unsqueeze(1)
     att = (F.linear(F.prelu(pre, a), w, b).squeeze(-1) * hsign.sum(-1)).unsqueeze(-1)
@@ -331,8 +336,7 @@ class _BagMean(torch.autograd.Function):
 def bag_mean_torch(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The twin in torch ops (the reference; bf16 under autocast)."""
     m = (idx > 0).to(table.dtype).unsqueeze(-1)
-    rows = table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])
-    return (rows * m).sum(-2) / m.sum(-2).clamp(min=1)
+    return (lookup(table, idx) * m).sum(-2) / m.sum(-2).clamp(min=1)
 
 
 def bag_mean(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

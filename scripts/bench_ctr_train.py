@@ -80,12 +80,10 @@ def make_step(feats, cfg, batch, models, bf16, emb_reg, loss_l2=False):
     embedding L2 term added to the loss), else train_ctr.make_optimizer's fused Adam with the L2
     as the tables' weight decay."""
     torch.manual_seed(0)
-    before = models if loss_l2 else None
-    if before is not None:  # that commit's train_net: plain Adam, the L2 term in the loss
-        net = before.build_net(cfg)
+    net = models.build_net(cfg)
+    if loss_l2:  # that commit's train_net: plain Adam, the L2 term in the loss
         opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     else:
-        net = models.build_net(cfg)
         opt = train_ctr.make_optimizer(net, argparse.Namespace(lr=3e-3, weight_decay=0.0,
                                                                emb_reg=emb_reg))
     y = torch.from_numpy(feats.labels)
@@ -101,7 +99,7 @@ def make_step(feats, cfg, batch, models, bf16, emb_reg, loss_l2=False):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logit = net(b)
             loss = nn.functional.binary_cross_entropy_with_logits(logit.float(), y[idx])
-            if before is not None:
+            if loss_l2:
                 loss = loss + train_ctr.embedding_penalty(net, emb_reg)
         with rf("phase: backward"):
             opt.zero_grad()

@@ -39,7 +39,7 @@ FAULTS = [
   "tests/test_rl_loop.py::test_explainer_top_layers_from_cached_lower_states_equal_the_full_forward"),
  ("ppo_states_misaligned", "stage3_rl.py", "[states[i] for i in pick]", "[states[i] for i in pick[::-1]]",
   "tests/test_rl_loop.py::test_ppo_with_top_layer_lora_is_the_full_forward_update"),
- ("embedding_pad_grad", "ctr_models.py", "    return out if padding_idx is None else out * (idx != padding_idx).unsqueeze(-1)\n", "    return out\n",
+ ("embedding_pad_grad", "ctr_ops.py", "    return out if padding_idx is None else out * (idx != padding_idx).unsqueeze(-1)\n", "    return out\n",
   "tests/test_train_ctr.py::test_embedding_by_index_select_equals_nn_embedding"),
  ("merged_bf16_generation", "stage2_reward.py", "    with bundle.use(adapter):\n        for a in range(0, len(prompt_ids), args.gen_batch):",
   "    import contextlib\n    from peft.tuners.lora import LoraLayer\n    @contextlib.contextmanager\n    def merged():\n        if adapter is None:\n            with bundle.use(None):\n                yield\n            return\n        bundle.model.set_adapter(adapter)\n        layers = [m for m in bundle.model.modules() if isinstance(m, LoraLayer)]\n        saved = [m.get_base_layer().weight.data.clone() for m in layers]\n        with torch.no_grad():\n            bundle.model.merge_adapter([adapter])\n        try:\n            yield\n        finally:\n            with torch.no_grad():\n                for m, w in zip(layers, saved):\n                    m.get_base_layer().weight.data.copy_(w)\n                    m.merged_adapters.clear()\n    with merged():\n        for a in range(0, len(prompt_ids), args.gen_batch):",

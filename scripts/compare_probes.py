@@ -28,21 +28,25 @@ from metrics import percentile_ci  # noqa: E402
 
 
 def per_prompt(path: str, ref_key=None, exclude=frozenset()):
-    """(mean r_LC per probe prompt, key of the rows, mean KL to the reference) of one probe file;
-    with ref_key, the file must hold the same prompts, labels and groups in the same order.
-    Prompts whose (uid, iid) is in `exclude` are left out (groups renumbered in order)."""
+    """(mean r_LC per probe prompt, key of the rows, mean KL to the reference, number of prompts
+    left out) of one probe file; with ref_key, the file must hold the same prompts, labels and
+    groups in the same order. Prompts whose (uid, iid) is in `exclude` are left out (groups
+    renumbered in order)."""
     rows = read_probe(Path(path))
+    n_all = len({r["group"] for r in rows})
     if exclude:
         rows = [r for r in rows if (r["uid"], r["iid"]) not in exclude]
         if not rows:
             raise ExpCTRError(f"{path}: every prompt is excluded")
         renum = {g: i for i, g in enumerate(dict.fromkeys(r["group"] for r in rows))}
         rows = [dict(r, group=renum[r["group"]]) for r in rows]
+        if len(renum) == n_all:
+            raise ExpCTRError(f"none of the --exclude samples is a prompt of {path}: nothing left out")
     key = [(r["uid"], r["iid"], r["group"], r["label"]) for r in rows]
     if ref_key is not None and key != ref_key:
         raise ExpCTRError(f"{path}: other prompts, labels or groups than the first file: not like with like")
     means = prompt_means(rows, [r["r_lc"] for r in rows])
-    return means, key, float(np.mean([r.get("kl_ref") or 0.0 for r in rows]))
+    return means, key, float(np.mean([r.get("kl_ref") or 0.0 for r in rows])), n_all - len(means)
 
 
 def main(argv=None):
@@ -64,17 +68,14 @@ def main(argv=None):
             if "uid" not in r or "iid" not in r:
                 raise ExpCTRError(f"{a.exclude}:{i}: expected a sample with 'uid' and 'iid'")
         ex = frozenset((r["uid"], r["iid"]) for r in rows)
-    A, key, kl_a = per_prompt(a.a, None, ex)
-    B, _, kl_b = per_prompt(a.b, key, ex)
+    A, key, kl_a, left_out = per_prompt(a.a, None, ex)
+    B, _, kl_b, _ = per_prompt(a.b, key, ex)
     files = {a.name_a: (A, kl_a), a.name_b: (B, kl_b)}
     if a.base:
-        base, _, kl = per_prompt(a.base, key, ex)
+        base, _, kl, _ = per_prompt(a.base, key, ex)
         files["base"] = (base, kl)
     resample = np.random.default_rng(a.seed).integers(0, len(A), size=(a.n_boot, len(A)))
     boot = {k: v[0][resample].mean(1) for k, v in files.items()}
-    left_out = len({(r["uid"], r["iid"]) for r in read_probe(Path(a.a))} & ex) if ex else 0
-    if ex and not left_out:
-        raise ExpCTRError(f"{a.exclude}: none of its samples is a prompt of {a.a}: nothing left out")
     print(f"{len(A)} prompts x {len(key) // len(A)} samples; 95% bootstrap CI over prompts, "
           f"{a.n_boot} resamples" + (f" ({left_out} prompts of {a.exclude} left out)" if ex else "") + "\n")
     print("| policy | mean r_LC [95% CI] | KL to ref |\n|---|---|---|")

@@ -5,6 +5,7 @@ one-hot and distinct-item ids, and the embedding L2 as Adam's weight decay."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -35,19 +36,15 @@ def feats(tmp_path_factory):
     return ctr_features.Features(arr, vocab), vocab
 
 
+@contextlib.contextmanager
 def threads(n):
     """torch's thread count for a block (the kernels follow it: ctr_ops._threads)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def cm():
-        old = torch.get_num_threads()
-        torch.set_num_threads(n)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(old)
-    return cm()
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def din_inputs(dtype, B=37, K=6, d=5, H=9, U=20, seed=0):

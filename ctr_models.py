@@ -100,8 +100,8 @@ class CTRModel(nn.Module):
 
     def id_fields(self, b, gm, ie=None) -> list:  # user, item, target genres, profile fields:
         # [B, d] each; ie: the distinct items' embeddings (rows of b["uitem"]) if already looked up
-        item = self.item(b["iid"]) if ie is None else ie.index_select(0, b["tpos"])
-        return ([self.user(b["uid"]), item, gm.index_select(0, b["tpos"])] +
+        item = self.item(b["iid"]) if ie is None else lookup(ie, b["tpos"])
+        return ([self.user(b["uid"]), item, lookup(gm, b["tpos"])] +
                 [emb(b["prof"][:, f]) for f, emb in enumerate(self.fields)])
 
     def all_fields(self, ids: list, hist: list, text) -> list:  # [B, d] each, in a fixed order
@@ -174,7 +174,7 @@ class DIN(CTRModel):
         ie = self.item(b["uitem"])  # [U, d]: the batch's distinct items, embedded once
         ids = self.id_fields(b, gm, ie)
         ke = ie + gm  # query / key of each distinct item: item + genre mean
-        q = ke.index_select(0, b["tpos"])
+        q = lookup(ke, b["tpos"])
         # att([q, k, q-k, q*k, sign]) by parts: the first layer's weight W = [Wq Wk Wd Wp Ws]
         # gives W.x = (Wq+Wd).q + (Wk-Wd).k + Wp.(q*k) + Ws.sign, so the query part runs once per
         # sample, not once per history slot, and the sign part is two input columns (the

@@ -16,8 +16,10 @@ products stay with torch (MKL: ~30-50 GMAC/s at these shapes, where numba loops 
                                   = the activation unit Linear(H, 1)(PReLU(W.[k, q*k, sign] + Q))
                                     on every history slot, pads masked, and the pooled history
   bag_mean(table, idx)            = the mean of the rows idx names, 0 = padding  (genre means)
+  lookup(table, idx, padding_idx) = table[idx], padding rows 0       (every embedding lookup)
 
-Each has a pure-torch twin (`relu_dropout_torch`, `din_attention_torch`, `bag_mean_torch`), the
+Each has a pure-torch twin (`relu_dropout_torch`, `din_attention_torch`, `bag_mean_torch`,
+`lookup_torch`), the
 path taken for dtypes the kernels do not compile (bf16 under autocast); tests/test_ctr_ops.py
 holds kernel and twin to torch's layers in float64 (values and every gradient). The kernels give
 the same result for any thread count: every output element is computed by one loop iteration,
@@ -49,9 +51,6 @@ PARTS = 16  # fixed chunks of the backward's partial sums: the same result whate
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def lookup(table, idx, padding_idx=None):  # table[idx] by index_select; no gradient to padding_idx
-    out = table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])
-    return out if padding_idx is None else out * (idx != padding_idx).unsqueeze(-1)
 
 
 def _threads():  # the kernels use torch's thread count (train_ctr --threads, shared by the ranks)
@@ -119,54 +118,61 @@ def relu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 # ---- DIN's activation unit and the attention pooling, fused -----------------------------
-# For sample s and history slot k (item row r = hpos[s, k] of ke, one-hot sign h = hsign[s, k]):
-#   x     = [ke[r], q[s] * ke[r], h]                  (row n = s K + k of X [B K, 2d + 2])
-#   pre   = W.x + Q[s]                                (the unit's first layer, by parts)
-#   att   = w . PReLU_a(pre) + b,    m = h[0] + h[1]  (0 on pads; the kernels' `att` is m att)
+# For sample s and history slot k (item row r = hpos[s, k] of ke, one-hot sign h = hsign[s, k],
+# m = h[0] + h[1]: 0 on pads), the slot part of the unit's first layer W = [Wk Wp Ws] (columns
+# d, d, 2) acting on [k, q*k, h]:
+#   pre   = Wk.ke[r] + Wp.(q[s] * ke[r]) + Ws.h + Q[s]
+#   att   = w . PReLU_a(pre) + b                          (the kernels' `att` holds m att)
 #   pooled[s] = sum_k m att ke[r],   psign[s] = sum_k m att h
-# The products W.x (forward) and their two gradients (backward) are matrix products left to
-# torch (MKL: ~30-50 GMAC/s at these shapes, where a numba loop reached ~8); the kernels below do
-# everything around them in one pass each: building X, and the head, mask and pooling.
+# Wk.ke[r] depends on the item only, so it is computed once per distinct item of the batch
+# (Pk = ke Wk^T, U rows, not B K); Wp.(q * k) is one matrix product over the B K slots; Ws.h is
+# two columns, added in the head. The products (forward, and their gradients in the backward) are
+# torch's (MKL: ~30-50 GMAC/s at these shapes, where a numba loop reached ~8); the kernels below
+# do everything around them in one pass each: building q * k, the head, mask and pooling, and
+# adding each slot's gradient into its item's row.
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _din_rows(ke, hpos, hsign, q, X):  # X[s K + k] = [ke[r], q[s] * ke[r], h]
+def _din_rows(ke, hpos, q, X):  # X[s K + k] = q[s] * ke[r]
     B, K = hpos.shape
-    d = ke.shape[1]
     for s in numba.prange(B):
         for k in range(K):
             n, r = s * K + k, hpos[s, k]
-            for i in range(d):
-                X[n, i] = ke[r, i]
-                X[n, d + i] = q[s, i] * ke[r, i]
-            X[n, 2 * d], X[n, 2 * d + 1] = hsign[s, k, 0], hsign[s, k, 1]
+            for i in range(q.shape[1]):
+                X[n, i] = q[s, i] * ke[r, i]
+
+
+@numba.njit(inline="always")
+def _din_pre(P, Pk, Q, Ws, n, r, s, j, h0, h1):  # the first layer's output, unit j of slot n
+    return P[n, j] + Pk[r, j] + Q[s, j] + h0 * Ws[0, j] + h1 * Ws[1, j]
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _din_head_forward(P, Q, X, a, w, b, zero, pooled, psign, att):
-    B, H = Q.shape
-    K, d = P.shape[0] // B, pooled.shape[1]
+def _din_head_forward(P, Pk, Q, Ws, ke, hpos, hsign, a, w, b, zero, pooled, psign, att):
+    B, K = hpos.shape
+    H, d = Q.shape[1], ke.shape[1]
     for s in numba.prange(B):
         for i in range(d):
             pooled[s, i] = zero
         psign[s, 0], psign[s, 1] = zero, zero
         for k in range(K):
-            n = s * K + k
+            n, r = s * K + k, hpos[s, k]
+            h0, h1 = hsign[s, k, 0], hsign[s, k, 1]
             acc = b
             for j in range(H):
-                pre = P[n, j] + Q[s, j]
+                pre = _din_pre(P, Pk, Q, Ws, n, r, s, j, h0, h1)
                 acc += w[j] * (max(pre, zero) + a * min(pre, zero))
-            h0, h1 = X[n, 2 * d], X[n, 2 * d + 1]
             wk = acc * (h0 + h1)  # 0 on pads: nothing pooled
             att[s, k] = wk
             for i in range(d):
-                pooled[s, i] += wk * X[n, i]
+                pooled[s, i] += wk * ke[r, i]
             psign[s, 0] += wk * h0
             psign[s, 1] += wk * h1
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _din_head_backward(P, Q, X, a, w, zero, one, gpool, gps, gpre, gQ, p_w, p_ab):
-    B, H = Q.shape
-    K, d = P.shape[0] // B, gpool.shape[1]
+def _din_head_backward(P, Pk, Q, Ws, ke, hpos, hsign, a, w, zero, one, gpool, gps, gpre, gQ, p_w,
+                       p_ws, p_ab):
+    B, K = hpos.shape
+    H, d = Q.shape[1], ke.shape[1]
     T = p_ab.shape[0]
     for t in numba.prange(T):  # chunk t of the samples; its partial sums in p_*[t]
         pa, pb = zero, zero
@@ -174,83 +180,124 @@ def _din_head_backward(P, Q, X, a, w, zero, one, gpool, gps, gpre, gQ, p_w, p_ab
             for j in range(H):
                 gQ[s, j] = zero
             for k in range(K):
-                n = s * K + k
-                h0, h1 = X[n, 2 * d], X[n, 2 * d + 1]
+                n, r = s * K + k, hpos[s, k]
+                h0, h1 = hsign[s, k, 0], hsign[s, k, 1]
                 g = gps[s, 0] * h0 + gps[s, 1] * h1  # d loss / d (m att)
                 for i in range(d):
-                    g += gpool[s, i] * X[n, i]
+                    g += gpool[s, i] * ke[r, i]
                 g *= h0 + h1  # d loss / d att
                 pb += g
                 for j in range(H):
-                    pre = P[n, j] + Q[s, j]
+                    pre = _din_pre(P, Pk, Q, Ws, n, r, s, j, h0, h1)
                     neg = min(pre, zero)
                     p_w[t, j] += g * (max(pre, zero) + a * neg)  # d att / d w = prelu(pre)
                     pa += g * w[j] * neg  # d att / d a = w . min(pre, 0)
                     gp = g * w[j] * (one if pre > zero else a)  # d att / d pre
                     gpre[n, j] = gp
                     gQ[s, j] += gp
+                    p_ws[t, 0, j] += gp * h0  # d pre / d Ws = h
+                    p_ws[t, 1, j] += gp * h1
         p_ab[t, 0], p_ab[t, 1] = pa, pb
 
 
+@numba.njit(cache=True)
+def _din_slots_by_item(hpos, hsign, start, order):
+    """The attended slots (not pads) grouped by item row, in slot order (a counting sort): the
+    slots of row u are order[start[u]:start[u + 1]]."""
+    B, K = hpos.shape
+    for s in range(B):
+        for k in range(K):
+            if hsign[s, k, 0] + hsign[s, k, 1] != 0:
+                start[hpos[s, k] + 1] += 1
+    for u in range(start.shape[0] - 1):
+        start[u + 1] += start[u]
+    fill = start[:-1].copy()
+    for s in range(B):
+        for k in range(K):
+            if hsign[s, k, 0] + hsign[s, k, 1] != 0:
+                r = hpos[s, k]
+                order[fill[r]] = s * K + k
+                fill[r] += 1
+
+
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _din_key_grads(gX, X, q, att, gpool, zero, gk, gq):  # x = [k, q * k, h] -> d / d k, d / d q
-    B, d = q.shape
-    K = X.shape[0] // B
-    for s in numba.prange(B):
+def _din_item_grads(start, order, K, gpre, gX, q, att, gpool, zero, gPk, gke):
+    """Per distinct item u, its slots' gradients summed in slot order (the same sums for any
+    thread count): gPk[u] = sum gpre (d loss / d Pk), gke[u] = sum q * gX + m att gpool (through
+    q * k and the pooling; Wk's share is added after, as gPk Wk)."""
+    U, H = gPk.shape
+    d = gke.shape[1]
+    for u in numba.prange(U):
+        for j in range(H):
+            gPk[u, j] = zero
         for i in range(d):
+            gke[u, i] = zero
+        for t in range(start[u], start[u + 1]):
+            n = order[t]
+            s = n // K
+            for j in range(H):
+                gPk[u, j] += gpre[n, j]
+            for i in range(d):
+                gke[u, i] += q[s, i] * gX[n, i] + att[s, n - s * K] * gpool[s, i]
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _din_query_grads(gX, ke, hpos, zero, gq):  # d / d q of sum_k Wp.(q * k): sum_k gX * k
+    B, K = hpos.shape
+    for s in numba.prange(B):
+        for i in range(gq.shape[1]):
             gq[s, i] = zero
         for k in range(K):
-            n = s * K + k
-            for i in range(d):
-                gk[n, i] = gX[n, i] + q[s, i] * gX[n, d + i] + att[s, k] * gpool[s, i]
-                gq[s, i] += gX[n, d + i] * X[n, i]
-
-
-@numba.njit(cache=True)
-def _scatter_rows(idx, src, out):  # out[idx[n]] += src[n], in order (serial: the same sums always)
-    n, d = src.shape
-    for r in range(n):
-        for i in range(d):
-            out[idx[r], i] += src[r, i]
+            n, r = s * K + k, hpos[s, k]
+            for i in range(gq.shape[1]):
+                gq[s, i] += gX[n, i] * ke[r, i]
 
 
 class _DINAttention(torch.autograd.Function):  # (no double backward: numba computes the grads)
     @staticmethod
     def forward(ctx, ke, hpos, hsign, q, Q, W, a, w, b):
         ke, hpos, hsign, q, Q = (x.detach().contiguous() for x in (ke, hpos, hsign, q, Q))
-        t, (B, K), (U, d) = ke.numpy().dtype.type, hpos.shape, ke.shape
+        t, (B, K), d = ke.numpy().dtype.type, hpos.shape, ke.shape[1]
         _threads()
-        X = torch.empty(B * K, 2 * d + 2, dtype=ke.dtype)
-        _din_rows(ke.numpy(), hpos.numpy(), hsign.numpy(), q.numpy(), X.numpy())
-        Wd = W.detach().to(ke.dtype).contiguous()
-        P = X @ Wd.T
+        Wd = W.detach().to(ke.dtype)
+        Wk, Wp, Ws = Wd[:, :d], Wd[:, d:2 * d].contiguous(), Wd[:, 2 * d:].T.contiguous()
+        Pk = ke @ Wk.T  # [U, H]: the item part, once per distinct item
+        X = torch.empty(B * K, d, dtype=ke.dtype)
+        _din_rows(ke.numpy(), hpos.numpy(), q.numpy(), X.numpy())
+        P = X @ Wp.T  # [B K, H]: the q * k part, per slot
         wv = w.detach().reshape(-1).to(ke.dtype).contiguous()
         pooled, psign = torch.empty(B, d, dtype=ke.dtype), torch.empty(B, 2, dtype=ke.dtype)
         att = torch.empty(B, K, dtype=ke.dtype)
-        _din_head_forward(P.numpy(), Q.numpy(), X.numpy(), t(float(a)), wv.numpy(), t(float(b)), t(0),
-                          pooled.numpy(), psign.numpy(), att.numpy())
-        ctx.save_for_backward(hpos, q, Q, X, P, Wd, a, wv, att)
-        ctx.info = (U, W.dtype, w.dtype, w.shape, b.dtype)
+        _din_head_forward(P.numpy(), Pk.numpy(), Q.numpy(), Ws.numpy(), ke.numpy(), hpos.numpy(),
+                          hsign.numpy(), t(float(a)), wv.numpy(), t(float(b)), t(0), pooled.numpy(),
+                          psign.numpy(), att.numpy())
+        ctx.save_for_backward(ke, hpos, hsign, q, Q, X, P, Pk, Wd, a, wv, att)
+        ctx.info = (W.dtype, w.dtype, w.shape, b.dtype)
         return pooled, psign
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gpool, gps):
-        hpos, q, Q, X, P, Wd, a, wv, att = ctx.saved_tensors
-        U, W_dt, w_dt, w_shape, b_dt = ctx.info
-        t, H, d = q.numpy().dtype.type, Q.shape[1], q.shape[1]
+        ke, hpos, hsign, q, Q, X, P, Pk, Wd, a, wv, att = ctx.saved_tensors
+        W_dt, w_dt, w_shape, b_dt = ctx.info
+        t, (B, K), (U, d), H = q.numpy().dtype.type, hpos.shape, ke.shape, Q.shape[1]
+        Wk, Wp, Ws = Wd[:, :d], Wd[:, d:2 * d].contiguous(), Wd[:, 2 * d:].T.contiguous()
         _threads()
         gpool, gps = gpool.to(q.dtype).contiguous(), gps.to(q.dtype).contiguous()
         gpre, gQ = torch.empty_like(P), torch.empty_like(Q)
-        p_w, p_ab = np.zeros((PARTS, H), t), np.zeros((PARTS, 2), t)
-        _din_head_backward(P.numpy(), Q.numpy(), X.numpy(), t(float(a)), wv.numpy(), t(0), t(1),
-                           gpool.numpy(), gps.numpy(), gpre.numpy(), gQ.numpy(), p_w, p_ab)
-        gX, gW = gpre @ Wd, gpre.T @ X  # the first layer's products
-        gk, gq = torch.empty(X.shape[0], d, dtype=q.dtype), torch.empty_like(q)
-        _din_key_grads(gX.numpy(), X.numpy(), q.numpy(), att.numpy(), gpool.numpy(), t(0), gk.numpy(),
-                       gq.numpy())
-        gke = torch.zeros(U, d, dtype=q.dtype)
-        _scatter_rows(hpos.reshape(-1).numpy(), gk.numpy(), gke.numpy())
+        p_w, p_ws, p_ab = np.zeros((PARTS, H), t), np.zeros((PARTS, 2, H), t), np.zeros((PARTS, 2), t)
+        _din_head_backward(P.numpy(), Pk.numpy(), Q.numpy(), Ws.numpy(), ke.numpy(), hpos.numpy(),
+                           hsign.numpy(), t(float(a)), wv.numpy(), t(0), t(1), gpool.numpy(),
+                           gps.numpy(), gpre.numpy(), gQ.numpy(), p_w, p_ws, p_ab)
+        gX = gpre @ Wp  # [B K, d]: d loss / d (q * k)
+        start, order = np.zeros(U + 1, np.int64), np.empty(B * K, np.int64)
+        _din_slots_by_item(hpos.numpy(), hsign.numpy(), start, order)
+        gPk, gke, gq = torch.empty(U, H, dtype=q.dtype), torch.empty_like(ke), torch.empty_like(q)
+        _din_item_grads(start, order, K, gpre.numpy(), gX.numpy(), q.numpy(), att.numpy(),
+                        gpool.numpy(), t(0), gPk.numpy(), gke.numpy())
+        _din_query_grads(gX.numpy(), ke.numpy(), hpos.numpy(), t(0), gq.numpy())
+        gke.addmm_(gPk, Wk)  # the item part's share: d Pk / d ke
+        gW = torch.cat([gPk.T @ ke, gpre.T @ X, torch.from_numpy(p_ws.sum(0).T)], 1)
         ab = p_ab.sum(0)
         return (gke, None, None, gq, gQ, gW.to(W_dt), torch.tensor([ab[0]], dtype=a.dtype),
                 torch.from_numpy(p_w.sum(0)).to(w_dt).view(w_shape), torch.tensor([ab[1]], dtype=b_dt))
@@ -258,7 +305,7 @@ class _DINAttention(torch.autograd.Function):  # (no double backward: numba comp
 
 def din_attention_torch(ke, hpos, hsign, q, Q, W, a, w, b):
     """The twin in torch layers (the reference; bf16 under autocast)."""
-    hk = lookup(ke, hpos)
+    hk = lookup_torch(ke, hpos)
     X = torch.cat([hk, q.unsqueeze(1) * hk, hsign], -1)
     pre = F.linear(X, W) + Q.unsqueeze(1)
     att = (F.linear(F.prelu(pre, a), w, b).squeeze(-1) * hsign.sum(-1)).unsqueeze(-1)
@@ -276,6 +323,53 @@ def din_attention(ke, hpos, hsign, q, Q, W, a, w, b):
             or not hpos.numel()):  # (an empty batch: the twin's empty result)
         return din_attention_torch(ke, hpos, hsign, q, Q, W, a, w, b)
     return _DINAttention.apply(ke, hpos, hsign, q, Q, W, a, w, b)
+
+
+# ---- embedding lookup -------------------------------------------------------------------
+@numba.njit(cache=True)
+def _scatter_rows(idx, src, pad, out):  # out[idx[n]] += src[n], rows idx[n] == pad skipped, in
+    n, d = src.shape                    # order (serial: the same sums always)
+    for r in range(n):
+        if idx[r] != pad:
+            for i in range(d):
+                out[idx[r], i] += src[r, i]
+
+
+class _Lookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table, idx, pad: int):
+        flat = idx.reshape(-1).to(torch.int64).contiguous()
+        out = table.detach().index_select(0, flat)
+        if pad >= 0:
+            out.masked_fill_((flat == pad).unsqueeze(-1), 0)
+        ctx.save_for_backward(flat)
+        ctx.info = (table.shape, pad)
+        return out.view(*idx.shape, table.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (flat,) = ctx.saved_tensors
+        shape, pad = ctx.info
+        gt = torch.zeros(shape, dtype=g.dtype)
+        _scatter_rows(flat.numpy(), g.reshape(-1, shape[1]).contiguous().numpy(), pad, gt.numpy())
+        return gt, None, None
+
+
+def lookup_torch(table, idx, padding_idx=None):
+    """The twin in torch ops: table[idx] by index_select, padding rows read as 0 (the reference;
+    bf16 under autocast)."""
+    out = table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])
+    return out if padding_idx is None else out * (idx != padding_idx).unsqueeze(-1)
+
+
+def lookup(table, idx, padding_idx=None):
+    """table[idx] ([*idx.shape, d]); rows idx == padding_idx read as 0 and get no gradient. The
+    backward adds the B rows of the output's gradient into the table in order, one pass (torch's
+    index_select backward is a scatter_add: ~0.23 ms for 4,096 rows of 16, ~10x this loop)."""
+    if table.dtype not in KERNEL_DTYPES:
+        return lookup_torch(table, idx, padding_idx)
+    return _Lookup.apply(table, idx, -1 if padding_idx is None else int(padding_idx))
 
 
 # ---- mean of embedding rows (an item's genres) ------------------------------------------
@@ -336,7 +430,7 @@ class _BagMean(torch.autograd.Function):
 def bag_mean_torch(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The twin in torch ops (the reference; bf16 under autocast)."""
     m = (idx > 0).to(table.dtype).unsqueeze(-1)
-    return (lookup(table, idx) * m).sum(-2) / m.sum(-2).clamp(min=1)
+    return (lookup_torch(table, idx) * m).sum(-2) / m.sum(-2).clamp(min=1)
 
 
 def bag_mean(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,15 @@ Side by side in one process, interleaved round by round (so that a noisy core sl
 alike), on the train split of a run folder made by `data_prep.py --dataset ml-20m` (e.g. the
 2M-rating one that scripts/bench_data_path.py leaves in its work folder). Each variant trains a
 fresh DIN (seed 0) for --steps timed steps after --warmup steps: batch gathering
-(ctr_features), forward, loss, backward and Adam, as train_net does. Variants:
+(ctr_features; each variant its commit's, from LAST on), forward, loss, backward and Adam, as
+train_net does. Variants:
   before (BEFORE)  ctr_models.py of commit BEFORE (read from git), as that commit's train_net
                    ran it: Adam (for-each), the embedding L2 added to the loss each step
   previous (PREVIOUS)  ctr_models.py and ctr_ops.py of commit PREVIOUS (numba head only), with
                    today's optimizer (as that commit's train_net ran it)
+  last (LAST)      ctr_models.py, ctr_ops.py and ctr_features.py of commit LAST (the fused unit
+                   with its matrix product over [k, q*k, sign]; torch's index_select backward;
+                   batches gathered by numpy indexing)
   now              ctr_models.py / ctr_ops.py and train_ctr.make_optimizer of the working tree
                    (fused Adam; the L2 as the embedding tables' weight decay)
   + batch B        a larger batch
@@ -44,11 +48,14 @@ import train_ctr  # noqa: E402
 
 BEFORE = "c2c6f4a"  # the last commit before ctr_ops.py (fused attention head, float masks)
 PREVIOUS = "509ac5a"  # ctr_ops.py's numba PReLU + Linear head, before the fused unit + pooling
+LAST = "b7a5fff"  # the fused unit + pooling, before the item part per distinct item and the numba
+#                   lookup backward and batch gathering
 
 
-def models_at(commit: str):
-    """ctr_models.py of `commit`, imported as its own module (it reads today's Features), with
-    that commit's ctr_ops.py where it had one."""
+def models_at(commit: str, own_features: bool = False):
+    """ctr_models.py of `commit`, imported as its own module, with that commit's ctr_ops.py where
+    it had one; with own_features also its ctr_features.py (else it reads today's). -> the
+    ctr_models module; its features module is its .ctr_features."""
     import importlib.util
     import tempfile
     folder = Path(tempfile.mkdtemp())
@@ -64,11 +71,14 @@ def models_at(commit: str):
         spec.loader.exec_module(mod)
         return mod
     ops, now = load("ctr_ops"), sys.modules["ctr_ops"]
+    feats_now = sys.modules["ctr_features"]
     sys.modules["ctr_ops"] = ops or now  # what its `from ctr_ops import ...` reads
     try:
+        if own_features:
+            sys.modules["ctr_features"] = load("ctr_features")
         models = load("ctr_models")
     finally:
-        sys.modules["ctr_ops"] = now
+        sys.modules["ctr_ops"], sys.modules["ctr_features"] = now, feats_now
     if models is None:
         sys.exit(f"bench_ctr_train.py: cannot read ctr_models.py of commit {commit} (a shallow clone?)")
     return models
@@ -139,6 +149,23 @@ def profile(step, n: int, warmup: int, batch: int) -> None:
         print(f"| {e.key} | {e.self_cpu_time_total / total:.1%} |")
 
 
+def time_gathering(feats: dict, batch: int, rounds: int, calls: int) -> None:
+    """ms per Features.batch call of each gatherer on the same shuffled batches, interleaved."""
+    perm = np.random.default_rng(0).permutation(len(next(iter(feats.values()))))
+    ms = {k: [] for k in feats}
+    for r in range(rounds):
+        for k, f in feats.items():
+            f.batch(perm[:batch])  # warm-up (numba's compile on the first round)
+            t = time.perf_counter()
+            for i in range(calls):
+                f.batch(perm[(r * calls + i) * batch % (len(perm) - batch):][:batch])
+            ms[k].append((time.perf_counter() - t) / calls * 1e3)
+    print(f"batch gathering, batch {batch}, {rounds} rounds x {calls} calls, ms per batch, "
+          f"median [min, max]\n\n| gatherer | ms |\n|---|---|")
+    for k, v in ms.items():
+        print(f"| {k} | {np.median(v):.3f} [{min(v):.3f}, {max(v):.3f}] |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", default="/tmp/expctr-bench-data/run-2000000-new",
@@ -149,6 +176,9 @@ def main():
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant and round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant and round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--gather", action="store_true",
+                   help="instead: time batch gathering alone, LAST's numpy indexing against today's "
+                        "numba kernel (batch --big-batch, interleaved rounds)")
     p.add_argument("--profile", type=int, default=0,
                    help="profile this many steps of the working tree's step (batch --batch) instead of timing variants")
     a = p.parse_args()
@@ -164,14 +194,20 @@ def main():
     B, BB = a.batch, a.big_batch
     if a.profile:
         return profile(make_step(feats, cfg, B, ctr_models, False, emb_reg), a.profile, a.warmup, B)
-    old, prev = models_at(BEFORE), models_at(PREVIOUS)
+    old, prev, last = models_at(BEFORE), models_at(PREVIOUS), models_at(LAST, own_features=True)
+    last_feats = last.ctr_features.Features(train, vocab)  # LAST's batch gathering (numpy)
+    if a.gather:
+        return time_gathering({f"numpy indexing ({LAST})": last_feats, "numba (now)": feats},
+                              BB, a.rounds, a.steps)
     variants = [(f"before ({BEFORE}), batch {B}", B, old, False, True),
                 (f"before ({BEFORE}), batch {BB}", BB, old, False, True),
                 (f"previous ({PREVIOUS}), batch {BB}", BB, prev, False, False),
+                (f"last ({LAST}), batch {BB}", BB, last, False, False),
                 (f"now, batch {B}", B, ctr_models, False, False),
                 (f"now, batch {BB}", BB, ctr_models, False, False),
                 (f"now, batch {BB}, bf16 autocast", BB, ctr_models, True, False)]
-    steps = {name: make_step(feats, cfg, b, m, bf, emb_reg, l2) for name, b, m, bf, l2 in variants}
+    steps = {name: make_step(last_feats if m is last else feats, cfg, b, m, bf, emb_reg, l2)
+             for name, b, m, bf, l2 in variants}
     speed = {name: [] for name, *_ in variants}
     for r in range(a.rounds):
         for name, batch, *_ in variants:

@@ -185,14 +185,32 @@ def test_batch_sign_one_hot_and_distinct_items_match_the_integer_fields(feats):
     assert torch.equal(b["uitem"][b["hpos"]], b["hid"])
 
 
-def test_distinct_is_np_unique_with_inverse():
+def test_batch_distinct_items_are_np_unique_with_inverse_for_any_thread_count(feats):
+    """The batch's distinct items (uitem, and the rows tpos / hpos) are np.unique of the target
+    and history item codes with its inverse, for shuffled batches with repeated samples, and every
+    column is the same with 1 and 2 threads."""
+    f, _ = feats
     rng = np.random.default_rng(0)
-    for n, size in ((1, 5), (7, 3), (50, 400), (9000, 40000)):
-        codes = rng.integers(0, n, size)
-        codes[0] = n - 1  # the padding code (the last) occurs
-        want_u, want_i = np.unique(codes, return_inverse=True)
-        got_u, got_i = ctr_features.distinct(codes, n)
-        assert np.array_equal(got_u, want_u) and np.array_equal(got_i, want_i)
+    pad = len(f.a.items)  # the code of an empty history slot
+    for size in (1, 7, 300):
+        idx = rng.integers(0, len(f), size)
+        runs = []
+        for n in (1, 2):
+            with threads(n):
+                runs.append(f.batch(idx))
+        b = runs[0]
+        a = f.a
+        hic = np.full((size, f.K), pad)
+        for s, j in enumerate(idx):
+            h = np.asarray(a.hist_iid[a.lo[j]:a.hi[j]])[-f.K:]
+            hic[s, :len(h)] = h
+        codes = np.concatenate([np.asarray(a.iid)[idx], hic.ravel()])
+        uniq, inv = np.unique(codes, return_inverse=True)
+        assert torch.equal(b["uitem"], torch.from_numpy(f.ilut[uniq]))
+        assert torch.equal(b["tpos"], torch.from_numpy(inv[:size]))
+        assert torch.equal(b["hpos"], torch.from_numpy(inv[size:].reshape(size, f.K)))
+        for k in b:
+            assert torch.equal(runs[0][k], runs[1][k]), k
 
 
 def test_emb_reg_as_weight_decay_is_the_l2_penalty_update(feats):
@@ -232,7 +250,7 @@ def test_bench_ctr_ops_runs_every_row():
                           "--threads", "1", "--calls", "1", "--rounds", "1"],
                          capture_output=True, text=True, check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and "]" in line]
-    assert len(rows) == 11 and any("din_attention (numba + MKL)" in r for r in rows), out
+    assert len(rows) == 13 and any("din_attention (numba + MKL)" in r for r in rows), out
 
 
 def test_numba_pool_is_a_share_of_the_cores_under_torchrun():

@@ -300,7 +300,7 @@ def test_bench_ctr_train_runs_every_variant(run):
                           "--big-batch", "64", "--steps", "1", "--warmup", "1", "--rounds", "1"],
                          capture_output=True, text=True, check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and "x |" in line]
-    assert len(rows) == 6 and rows[0].endswith("| 1.00x |"), out
+    assert len(rows) == 7 and rows[0].endswith("| 1.00x |"), out
 
 
 def test_bench_ctr_train_profile_reports_each_phase_and_the_matmul_share(run):
@@ -320,3 +320,15 @@ def test_bench_ctr_train_profile_reports_each_phase_and_the_matmul_share(run):
     assert 0 < mm < 1
     bound = float(out.split("would be at most ")[1].split("x")[0])
     assert abs(bound - 1 / mm) < 0.1 * bound + 0.05, out
+
+
+def test_bench_ctr_train_gather_times_both_gatherers(run):
+    """bench_ctr_train.py --gather: one row per gatherer (the last commit's numpy indexing and
+    today's numba kernel); nothing here checks a speed."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ctr_train.py"),
+                          "--run-dir", str(run), "--threads", "1", "--big-batch", "16",
+                          "--steps", "2", "--rounds", "1", "--gather"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and " ms " not in line
+            and "---" not in line]
+    assert len(rows) == 2 and "numpy" in rows[0] and "numba" in rows[1], out

@@ -34,17 +34,24 @@ DIN_ATT_WIDTH = 36  # hidden units of DIN's attention MLP (the DIN paper's activ
 # ---- algorithm: the models --------------------------------------------------------------
 class MLP(nn.Sequential):
     """Linear -> ReLU -> Dropout blocks (nn.Sequential's layout and state_dict keys), each block's
-    ReLU and dropout computed as one ctr_ops.relu_dropout (the same function, faster on CPU)."""
+    ReLU and dropout computed as one ctr_ops.relu_dropout (the same function, faster on CPU).
+    matmul_dtype bfloat16 (train_ctr --tower-dtype): each Linear's product in bf16 (MKL sums in
+    fp32), its output cast back to fp32; the weights, their gradients and Adam stay fp32, so
+    small updates are not rounded away."""
 
-    def __init__(self, sizes: list[int], dropout: float):
+    def __init__(self, sizes: list[int], dropout: float, matmul_dtype: str = "float32"):
         layers = []
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
         super().__init__(*layers)
+        self.matmul_dtype = getattr(torch, matmul_dtype)
 
     def forward(self, x):
         for i in range(0, len(self), 3):
-            x = relu_dropout(self[i](x), self[i + 2].p, self.training)
+            lin, dt = self[i], self.matmul_dtype
+            h = lin(x) if dt == x.dtype else \
+                nn.functional.linear(x.to(dt), lin.weight.to(dt), lin.bias.to(dt)).to(x.dtype)
+            x = relu_dropout(h, self[i + 2].p, self.training)
         return x
 
 
@@ -83,6 +90,7 @@ class CTRModel(nn.Module):
             self.text_proj = nn.Sequential(nn.LayerNorm(c["text_dim"]), nn.Linear(c["text_dim"], d))
         self.width = (3 + len(c["n_field"]) + self.HIST_FIELDS + (1 if c["text_dim"] else 0)) * d
         self.hidden = [int(h) for h in c["mlp"].split(",") if h]
+        self.tower_dtype = c.get("tower_dtype", "float32")  # (checkpoints before it: float32)
 
     def genre_means(self, b):  # [U, d]: the genre mean of each distinct item of the batch
         return bag_mean(self.genre.weight, b["ugen"])  # (0 = no genre: padding)
@@ -122,7 +130,7 @@ class DeepFM(CTRModel):
         self.lin_genre = Embedding(cfg["n_genre"] + 1, 1, padding_idx=0)
         nn.init.zeros_(self.lin_user.weight)
         nn.init.zeros_(self.lin_item.weight)
-        self.deep = MLP([self.width] + self.hidden, cfg["dropout"])
+        self.deep = MLP([self.width] + self.hidden, cfg["dropout"], self.tower_dtype)
         self.out = nn.Linear(self.hidden[-1], 1)
 
     def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,7 +152,7 @@ class DCNv2(CTRModel):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.cross = nn.ModuleList(nn.Linear(self.width, self.width) for _ in range(3))
-        self.deep = MLP([self.width] + self.hidden, cfg["dropout"])
+        self.deep = MLP([self.width] + self.hidden, cfg["dropout"], self.tower_dtype)
         self.out = nn.Linear(self.hidden[-1] + self.width, 1)
 
     def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,7 +174,7 @@ class DIN(CTRModel):
         d = cfg["emb_dim"]
         self.att = nn.Sequential(nn.Linear(5 * d, DIN_ATT_WIDTH), nn.PReLU(),
                                  nn.Linear(DIN_ATT_WIDTH, 1))
-        self.deep = MLP([self.width] + self.hidden, cfg["dropout"])
+        self.deep = MLP([self.width] + self.hidden, cfg["dropout"], self.tower_dtype)
         self.out = nn.Linear(self.hidden[-1], 1)
 
     def forward(self, b: dict, text: torch.Tensor | None = None) -> torch.Tensor:

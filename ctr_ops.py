@@ -16,10 +16,8 @@ products stay with torch (MKL: ~30-50 GMAC/s at these shapes, where numba loops 
                                   = the activation unit Linear(H, 1)(PReLU(W.[k, q*k, sign] + Q))
                                     on every history slot, pads masked, and the pooled history
   bag_mean(table, idx)            = the mean of the rows idx names, 0 = padding  (genre means)
-  lookup(table, idx, padding_idx) = table[idx], padding rows 0       (every embedding lookup)
 
-Each has a pure-torch twin (`relu_dropout_torch`, `din_attention_torch`, `bag_mean_torch`,
-`lookup_torch`), the
+Each has a pure-torch twin (`relu_dropout_torch`, `din_attention_torch`, `bag_mean_torch`), the
 path taken for dtypes the kernels do not compile (bf16 under autocast); tests/test_ctr_ops.py
 holds kernel and twin to torch's layers in float64 (values and every gradient). The kernels give
 the same result for any thread count: every output element is computed by one loop iteration,
@@ -51,6 +49,11 @@ PARTS = 16  # fixed chunks of the backward's partial sums: the same result whate
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
+
+
+def lookup(table, idx, padding_idx=None):  # table[idx] by index_select; no gradient to padding_idx
+    out = table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])
+    return out if padding_idx is None else out * (idx != padding_idx).unsqueeze(-1)
 
 
 def _threads():  # the kernels use torch's thread count (train_ctr --threads, shared by the ranks)
@@ -305,7 +308,7 @@ class _DINAttention(torch.autograd.Function):  # (no double backward: numba comp
 
 def din_attention_torch(ke, hpos, hsign, q, Q, W, a, w, b):
     """The twin in torch layers (the reference; bf16 under autocast)."""
-    hk = lookup_torch(ke, hpos)
+    hk = lookup(ke, hpos)
     X = torch.cat([hk, q.unsqueeze(1) * hk, hsign], -1)
     pre = F.linear(X, W) + Q.unsqueeze(1)
     att = (F.linear(F.prelu(pre, a), w, b).squeeze(-1) * hsign.sum(-1)).unsqueeze(-1)
@@ -323,53 +326,6 @@ def din_attention(ke, hpos, hsign, q, Q, W, a, w, b):
             or not hpos.numel()):  # (an empty batch: the twin's empty result)
         return din_attention_torch(ke, hpos, hsign, q, Q, W, a, w, b)
     return _DINAttention.apply(ke, hpos, hsign, q, Q, W, a, w, b)
-
-
-# ---- embedding lookup -------------------------------------------------------------------
-@numba.njit(cache=True)
-def _scatter_rows(idx, src, pad, out):  # out[idx[n]] += src[n], rows idx[n] == pad skipped, in
-    n, d = src.shape                    # order (serial: the same sums always)
-    for r in range(n):
-        if idx[r] != pad:
-            for i in range(d):
-                out[idx[r], i] += src[r, i]
-
-
-class _Lookup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, table, idx, pad: int):
-        flat = idx.reshape(-1).to(torch.int64).contiguous()
-        out = table.detach().index_select(0, flat)
-        if pad >= 0:
-            out.masked_fill_((flat == pad).unsqueeze(-1), 0)
-        ctx.save_for_backward(flat)
-        ctx.info = (table.shape, pad)
-        return out.view(*idx.shape, table.shape[1])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        (flat,) = ctx.saved_tensors
-        shape, pad = ctx.info
-        gt = torch.zeros(shape, dtype=g.dtype)
-        _scatter_rows(flat.numpy(), g.reshape(-1, shape[1]).contiguous().numpy(), pad, gt.numpy())
-        return gt, None, None
-
-
-def lookup_torch(table, idx, padding_idx=None):
-    """The twin in torch ops: table[idx] by index_select, padding rows read as 0 (the reference;
-    bf16 under autocast)."""
-    out = table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])
-    return out if padding_idx is None else out * (idx != padding_idx).unsqueeze(-1)
-
-
-def lookup(table, idx, padding_idx=None):
-    """table[idx] ([*idx.shape, d]); rows idx == padding_idx read as 0 and get no gradient. The
-    backward adds the B rows of the output's gradient into the table in order, one pass (torch's
-    index_select backward is a scatter_add: ~0.23 ms for 4,096 rows of 16, ~10x this loop)."""
-    if table.dtype not in KERNEL_DTYPES:
-        return lookup_torch(table, idx, padding_idx)
-    return _Lookup.apply(table, idx, -1 if padding_idx is None else int(padding_idx))
 
 
 # ---- mean of embedding rows (an item's genres) ------------------------------------------
@@ -430,7 +386,7 @@ class _BagMean(torch.autograd.Function):
 def bag_mean_torch(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The twin in torch ops (the reference; bf16 under autocast)."""
     m = (idx > 0).to(table.dtype).unsqueeze(-1)
-    return (lookup_torch(table, idx) * m).sum(-2) / m.sum(-2).clamp(min=1)
+    return (lookup(table, idx) * m).sum(-2) / m.sum(-2).clamp(min=1)
 
 
 def bag_mean(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,10 @@ def parse_args(argv=None):
                         "MODEL_DEFAULTS of the model)")
     p.add_argument("--emb-dim", type=int, default=16, help="embedding size of every field")
     p.add_argument("--mlp", default="128,64", help="hidden sizes of the MLP tower")
+    p.add_argument("--tower-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype of the MLP tower's matrix products (weights, Adam and everything "
+                        "else stay float32; bfloat16 pays on CPUs with native bf16, e.g. "
+                        "AVX512_BF16 or AMX: a DIN step 1.05-1.08x on the README's EPYC)")
     p.add_argument("--dropout", type=float, default=None,
                    help="dropout in the MLP tower (default: MODEL_DEFAULTS of the model)")
     p.add_argument("--patience", type=int, default=3,
@@ -311,7 +315,7 @@ def main(argv=None):
             raise ExpCTRError(f"--text-emb {args.text_emb}: splits disagree on the width {dims}")
     text_dim = next((int(t.shape[1]) for t in text.values() if t is not None), 0)
     cfg = {"model": args.model, "emb_dim": args.emb_dim, "mlp": args.mlp, "dropout": args.dropout,
-           "text_dim": text_dim}
+           "text_dim": text_dim, "tower_dtype": args.tower_dtype}
     if args.init_from:
         init = load_checkpoint(args.init_from)
         if eval_only and (init.model_name != args.model or init.text_dim != text_dim):

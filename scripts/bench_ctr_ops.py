@@ -3,7 +3,7 @@
 Side by side in one process, interleaved round by round (a noisy core slows every row alike),
 forward + backward of each operation on random inputs at batch --batch (history length 10,
 embedding size 16, activation-unit width 36, MLP width 128, 1.8 x batch distinct items of up to
-3 genres; B rows looked up in a U-row embedding table), and a few single torch ops on the same 1.5M-float tensor, which show why the kernels
+3 genres), and a few single torch ops on the same 1.5M-float tensor, which show why the kernels
 avoid bool tensors and dropout's bernoulli_. Prints ms per call (median over rounds). Not a
 test: nothing here checks a speed.
 
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ctr_ops  # noqa: E402
@@ -52,10 +51,6 @@ def cases(B: int, K: int = 10, d: int = 16, H: int = 36, M: int = 128, G: int = 
             fb(lambda: ctr_ops.din_attention(*din), gdin, din),
         "genre mean: torch ops (bag_mean_torch)": fb(lambda: ctr_ops.bag_mean_torch(table, gidx), gg, [table]),
         "genre mean: ctr_ops.bag_mean (numba)": fb(lambda: ctr_ops.bag_mean(table, gidx), gg, [table]),
-        "embedding rows of the batch: torch index_select (lookup_torch)":
-            fb(lambda: ctr_ops.lookup_torch(din[0], din[1][:, 0]), gdin[0], [din[0]]),
-        "embedding rows of the batch: ctr_ops.lookup (numba backward)":
-            fb(lambda: ctr_ops.lookup(din[0], din[1][:, 0]), gdin[0], [din[0]]),
         "ReLU + Dropout(0.1): torch layers": fb(lambda: ctr_ops.relu_dropout_torch(x, 0.1, True), gx, [x]),
         "ReLU + Dropout(0.1): ctr_ops.relu_dropout (numba)":
             fb(lambda: ctr_ops.relu_dropout(x, 0.1, True), gx, [x]),

@@ -17,11 +17,16 @@ train_net does. Variants:
                    (fused Adam; the L2 as the embedding tables' weight decay)
   + batch B        a larger batch
   + bf16 autocast  the forward under torch.autocast(bfloat16); weights and Adam stay fp32
-Prints samples/s per variant (median over rounds) and its ratio to the first row.
+  + bf16 tower     train_ctr --tower-dtype bfloat16: only the MLP tower's products in bf16
+Prints samples/s per variant (median over rounds), its ratio to the first row, and its ratio to
+the LAST commit's row round by round (median [min, max] of the per-round ratios: the host's
+speed drifts between rounds, a ratio within one round much less).
 --profile N instead profiles N steps of the working tree's step (torch.profiler, CPU): the share
 of the step in each phase (batch gathering, forward, backward, Adam) and in matrix products (mm,
 addmm, bmm), and the bound that gives: with every other operation free, a step could be at most
-1 / (matrix-product share) times faster at these settings.
+1 / (matrix-product share) times faster at these settings; then N more steps without the
+profiler, each numba kernel's ms per step (the profiler sees them only inside their autograd
+functions).
 
     python scripts/bench_ctr_train.py --run-dir /tmp/expctr-bench-data/run-2000000-new
     python scripts/bench_ctr_train.py --run-dir /tmp/expctr-bench-data/run-2000000-new --profile 40
@@ -90,6 +95,8 @@ def make_step(feats, cfg, batch, models, bf16, emb_reg, loss_l2=False):
     embedding L2 term added to the loss), else train_ctr.make_optimizer's fused Adam with the L2
     as the tables' weight decay."""
     torch.manual_seed(0)
+    if bf16 == "tower":  # --tower-dtype bfloat16 (no autocast)
+        cfg, bf16 = {**cfg, "tower_dtype": "bfloat16"}, False
     net = models.build_net(cfg)
     if loss_l2:  # that commit's train_net: plain Adam, the L2 term in the loss
         opt = torch.optim.Adam(net.parameters(), lr=3e-3)
@@ -147,6 +154,38 @@ def profile(step, n: int, warmup: int, batch: int) -> None:
     print("\n| op (top 12 by self time) | share |\n|---|---|")
     for e in top:
         print(f"| {e.key} | {e.self_cpu_time_total / total:.1%} |")
+    kernel_times(step, n, warmup + n, batch)
+
+
+def kernel_times(step, n: int, first: int, batch: int) -> None:
+    """ms per step in each numba kernel of ctr_ops and ctr_features (the profiler sees them only
+    inside their autograd function), over n more steps without the profiler, each kernel call
+    timed by a wrapper."""
+    import numba
+    spent, wrapped = {}, []
+    for mod in (sys.modules["ctr_ops"], sys.modules["ctr_features"]):
+        for name, f in list(vars(mod).items()):
+            if isinstance(f, numba.core.registry.CPUDispatcher) and not f.targetoptions.get("inline"):
+                def timed(*a, _f=f, _k=f"{mod.__name__}.{name}"):
+                    t = time.perf_counter()
+                    r = _f(*a)
+                    spent[_k] = spent.get(_k, 0.0) + time.perf_counter() - t
+                    return r
+                wrapped.append((mod, name, f))
+                setattr(mod, name, timed)
+    try:
+        t = time.perf_counter()
+        for i in range(n):
+            step(first + i)
+        wall = time.perf_counter() - t
+    finally:
+        for mod, name, f in wrapped:
+            setattr(mod, name, f)
+    print(f"\n{n} more steps without the profiler: {wall / n * 1e3:.2f} ms/step "
+          f"({n * batch / wall:,.0f} samples/s), of which in numba kernels "
+          f"{sum(spent.values()) / n * 1e3:.2f} ms\n\n| numba kernel | ms per step |\n|---|---|")
+    for k, v in sorted(spent.items(), key=lambda kv: -kv[1]):
+        print(f"| {k} | {v / n * 1e3:.3f} |")
 
 
 def time_gathering(feats: dict, batch: int, rounds: int, calls: int) -> None:
@@ -205,7 +244,8 @@ def main():
                 (f"last ({LAST}), batch {BB}", BB, last, False, False),
                 (f"now, batch {B}", B, ctr_models, False, False),
                 (f"now, batch {BB}", BB, ctr_models, False, False),
-                (f"now, batch {BB}, bf16 autocast", BB, ctr_models, True, False)]
+                (f"now, batch {BB}, bf16 autocast", BB, ctr_models, True, False),
+                (f"now, batch {BB}, --tower-dtype bfloat16", BB, ctr_models, "tower", False)]
     steps = {name: make_step(last_feats if m is last else feats, cfg, b, m, bf, emb_reg, l2)
              for name, b, m, bf, l2 in variants}
     speed = {name: [] for name, *_ in variants}
@@ -221,11 +261,14 @@ def main():
               flush=True)
     print(f"\n{len(feats):,} train samples, {a.threads} threads, {a.rounds} rounds x {a.steps} "
           f"steps, samples/s median [min, max]\n")
-    print("| variant | samples/s | vs first row |\n|---|---|---|")
+    print("| variant | samples/s | vs first row | vs the last commit's row, paired by round |")
+    print("|---|---|---|---|")
     base = float(np.median(speed[variants[0][0]]))
+    ref = speed[variants[3][0]]  # LAST's step: each round's ratio, so the host's drift cancels
     for name, v in speed.items():
-        m = float(np.median(v))
-        print(f"| {name} | {m:,.0f} [{min(v):,.0f}, {max(v):,.0f}] | {m / base:.2f}x |")
+        m, r = float(np.median(v)), [x / y for x, y in zip(v, ref)]
+        print(f"| {name} | {m:,.0f} [{min(v):,.0f}, {max(v):,.0f}] | {m / base:.2f}x | "
+              f"{np.median(r):.3f}x [{min(r):.3f}x, {max(r):.3f}x] |")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ FAULTS = [
   "tests/test_rl_loop.py::test_explainer_top_layers_from_cached_lower_states_equal_the_full_forward"),
  ("ppo_states_misaligned", "stage3_rl.py", "[states[i] for i in pick]", "[states[i] for i in pick[::-1]]",
   "tests/test_rl_loop.py::test_ppo_with_top_layer_lora_is_the_full_forward_update"),
- ("embedding_pad_grad", "ctr_ops.py", "        if idx[r] != pad:\n", "        if True:\n",
+ ("embedding_pad_grad", "ctr_ops.py", "    return out if padding_idx is None else out * (idx != padding_idx).unsqueeze(-1)\n", "    return out\n",
   "tests/test_train_ctr.py::test_embedding_by_index_select_equals_nn_embedding"),
  ("merged_bf16_generation", "stage2_reward.py", "    with bundle.use(adapter):\n        for a in range(0, len(prompt_ids), args.gen_batch):",
   "    import contextlib\n    from peft.tuners.lora import LoraLayer\n    @contextlib.contextmanager\n    def merged():\n        if adapter is None:\n            with bundle.use(None):\n                yield\n            return\n        bundle.model.set_adapter(adapter)\n        layers = [m for m in bundle.model.modules() if isinstance(m, LoraLayer)]\n        saved = [m.get_base_layer().weight.data.clone() for m in layers]\n        with torch.no_grad():\n            bundle.model.merge_adapter([adapter])\n        try:\n            yield\n        finally:\n            with torch.no_grad():\n                for m, w in zip(layers, saved):\n                    m.get_base_layer().weight.data.copy_(w)\n                    m.merged_adapters.clear()\n    with merged():\n        for a in range(0, len(prompt_ids), args.gen_batch):",
@@ -137,8 +137,6 @@ FAULTS = [
   "tests/test_ctr_ops.py::test_din_attention_equals_the_unit_on_the_concatenated_input_values_and_gradients tests/test_train_ctr.py::test_din_attention_by_parts_equals_the_concatenated_unit"),
  ("din_rows_without_query", "ctr_ops.py", "X[n, i] = q[s, i] * ke[r, i]", "X[n, i] = ke[r, i]",
   "tests/test_ctr_ops.py::test_din_attention_equals_the_unit_on_the_concatenated_input_values_and_gradients tests/test_train_ctr.py::test_din_attention_by_parts_equals_the_concatenated_unit"),
- ("lookup_scatter_overwrites", "ctr_ops.py", "out[idx[r], i] += src[r, i]", "out[idx[r], i] = src[r, i]",
-  "tests/test_train_ctr.py::test_embedding_by_index_select_equals_nn_embedding tests/test_train_ctr.py::test_din_attention_by_parts_equals_the_concatenated_unit"),
  ("bag_mean_not_divided", "ctr_ops.py", "                out[u, i] /= n", "                out[u, i] /= 1",
   "tests/test_ctr_ops.py::test_bag_mean_kernel_equals_the_masked_mean_values_and_gradients tests/test_train_ctr.py::test_din_attention_by_parts_equals_the_concatenated_unit"),
  ("bag_mean_counts_padding", "ctr_ops.py", "            if r > 0:\n                n += 1", "            if r >= 0:\n                n += 1",
@@ -167,8 +165,12 @@ FAULTS = [
   "tests/test_ctr_ops.py::test_din_attention_equals_the_unit_on_the_concatenated_input_values_and_gradients tests/test_train_ctr.py::test_din_attention_by_parts_equals_the_concatenated_unit"),
  ("din_sign_weight_grad_wrong", "ctr_ops.py", "p_ws[t, 1, j] += gp * h1", "p_ws[t, 1, j] += gp * h0",
   "tests/test_ctr_ops.py::test_din_attention_equals_the_unit_on_the_concatenated_input_values_and_gradients"),
- ("lookup_pad_not_zeroed", "ctr_ops.py", "            out.masked_fill_((flat == pad).unsqueeze(-1), 0)\n", "            pass\n",
-  "tests/test_train_ctr.py::test_embedding_by_index_select_equals_nn_embedding"),
+ ("tower_dtype_ignored", "ctr_models.py", "            h = lin(x) if dt == x.dtype else", "            h = lin(x) if True else",
+  "tests/test_train_ctr.py::test_tower_dtype_bfloat16_is_the_float32_tower_to_bf16_rounding"),
+ ("tower_weights_rounded_to_bf16", "ctr_models.py", "nn.functional.linear(x.to(dt), lin.weight.to(dt), lin.bias.to(dt))", "nn.functional.linear(x.to(dt), lin.weight.data.copy_(lin.weight.to(dt)).to(dt), lin.bias.to(dt))",
+  "tests/test_train_ctr.py::test_tower_dtype_bfloat16_is_the_float32_tower_to_bf16_rounding"),
+ ("kernel_times_skip_features", "scripts/bench_ctr_train.py", "for mod in (sys.modules[\"ctr_ops\"], sys.modules[\"ctr_features\"]):", "for mod in (sys.modules[\"ctr_ops\"],):",
+  "tests/test_train_ctr.py::test_bench_ctr_train_profile_reports_each_phase_and_the_matmul_share"),
  ("emb_reg_not_in_optimizer", "train_ctr.py", "\"weight_decay\": args.weight_decay + args.emb_reg}", "\"weight_decay\": args.weight_decay}",
   "tests/test_ctr_ops.py::test_emb_reg_as_weight_decay_is_the_l2_penalty_update"),
  ("ddp_grads_not_reduced", "parallel.py", "        dist.all_reduce(flat)\n        total", "        total",
@@ -221,7 +223,7 @@ def main():
         open(f"{d}/{f}", "w").write(s.replace(old, new))
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests.split()],
                            cwd=d, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=d))
-        last = [l for l in r.stdout.splitlines() if l.strip()][-1]
+        last = ([l for l in (r.stdout + r.stderr).splitlines() if l.strip()] or ["(no output)"])[-1]
         print(f"{name:28s} {'caught' if r.returncode else 'NOT CAUGHT'} | {last[:100]}", flush=True)
         bad += r.returncode == 0
         shutil.rmtree(d, ignore_errors=True)

@@ -300,12 +300,14 @@ def test_bench_ctr_train_runs_every_variant(run):
                           "--big-batch", "64", "--steps", "1", "--warmup", "1", "--rounds", "1"],
                          capture_output=True, text=True, check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and "x |" in line]
-    assert len(rows) == 7 and rows[0].endswith("| 1.00x |"), out
+    assert len(rows) == 8 and "| 1.00x |" in rows[0], out
+    assert rows[3].endswith("| 1.000x [1.000x, 1.000x] |"), out  # the last commit's row, paired
 
 
 def test_bench_ctr_train_profile_reports_each_phase_and_the_matmul_share(run):
     """bench_ctr_train.py --profile: the four phases of a step and the matrix products' share,
-    and the bound it gives (1 / share); nothing here checks a speed."""
+    the bound it gives (1 / share), and the time of each numba kernel in unprofiled steps;
+    nothing here checks a speed."""
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ctr_train.py"),
                           "--run-dir", str(run), "--threads", "1", "--batch", "32",
                           "--warmup", "1", "--profile", "2"],
@@ -320,6 +322,14 @@ def test_bench_ctr_train_profile_reports_each_phase_and_the_matmul_share(run):
     assert 0 < mm < 1
     bound = float(out.split("would be at most ")[1].split("x")[0])
     assert abs(bound - 1 / mm) < 0.1 * bound + 0.05, out
+    kernels = {line.split(" | ")[0][2:]: float(line.split(" | ")[1].rstrip(" |"))
+               for line in out.split("| numba kernel |")[1].splitlines()[2:] if line.startswith("| ")}
+    for k in ("ctr_ops._din_head_forward", "ctr_ops._din_head_backward", "ctr_ops._din_item_grads",
+              "ctr_features._batch_columns"):  # each numba kernel a DIN step calls, timed
+        assert kernels[k] > 0, out
+    step_ms = float(out.split("without the profiler: ")[1].split(" ms")[0])
+    in_kernels = float(out.split("of which in numba kernels ")[1].split(" ms")[0])
+    assert abs(in_kernels - sum(kernels.values())) < 0.01 + 0.01 * in_kernels and in_kernels < step_ms, out
 
 
 def test_bench_ctr_train_gather_times_both_gatherers(run):
@@ -332,3 +342,39 @@ def test_bench_ctr_train_gather_times_both_gatherers(run):
     rows = [line for line in out.splitlines() if line.startswith("| ") and " ms " not in line
             and "---" not in line]
     assert len(rows) == 2 and "numpy" in rows[0] and "numba" in rows[1], out
+
+
+@pytest.mark.parametrize("model", ["deepfm", "dcnv2", "din"])
+def test_tower_dtype_bfloat16_is_the_float32_tower_to_bf16_rounding(run, model):
+    """--tower-dtype bfloat16: the same net to bf16 rounding (output and gradients), with
+    float32 weights and gradients, the products really in bf16 (not bit-equal to float32),
+    and an update far below bf16's resolution still lands in the weights."""
+    import ctr_features
+    P = common.RunPaths(run)
+    arr = train_ctr.load_split_arrays(P, "train")
+    vocab = ctr_features.build_vocab(arr, common.load_items(P), ["age", "gender"])
+    cfg = {"model": model, "emb_dim": 8, "mlp": "32,16", "dropout": 0.0, "text_dim": 0,
+           **ctr_models.vocab_sizes(vocab)}
+    torch.manual_seed(0)
+    ref = ctr_models.build_net(cfg)
+    net = ctr_models.build_net({**cfg, "tower_dtype": "bfloat16"})
+    net.load_state_dict(ref.state_dict())
+    b = ctr_features.Features(arr, vocab).batch(np.arange(128))
+    got, want = net(b), ref(b)
+    assert not torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.02 * want.abs().max().item())
+    g1 = torch.autograd.grad(got.sum(), list(net.parameters()))
+    g2 = torch.autograd.grad(want.sum(), list(ref.parameters()))
+    assert all(a.dtype == torch.float32 for a in g1)
+    flat = lambda g: torch.cat([x.reshape(-1) for x in g])
+    assert (flat(g1) - flat(g2)).norm() <= 0.05 * flat(g2).norm()
+    for a, c in zip(g1, g2):  # (a sum over many slots, e.g. the PReLU slope's, cancels more)
+        assert (a - c).norm() <= 0.15 * c.norm() + 1e-6
+    for a, c in zip(net.parameters(), ref.parameters()):  # the forward left the weights as they were
+        assert torch.equal(a, c)
+    w = net.deep[0].weight
+    before = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1e-6)  # ~1e-4 of a weight: below bf16's 8 bits, kept by the fp32 master weight
+    net(b)  # and the next forward does not round it away
+    assert w.dtype == torch.float32 and not torch.equal(w, before)

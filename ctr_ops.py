@@ -6,8 +6,9 @@ each element-wise op as its own pass over a [B, K, H] tensor (B samples x K hist
 hidden units of the activation unit: 1.5M floats at batch 4,096), and the unit's PReLU, its
 Linear to one output, the pad mask, the pooling and their backward take ~20 such passes; its
 kernels that read or write bool tensors and its dropout masks are also slow per element: on 1.5M
-floats a multiply took 0.17 ms, `torch.where(a > 0, a, b)` 3.0 ms and `bernoulli_` 8.6 ms on the
-2-core EPYC we measured (scripts/bench_ctr_ops.py; README, "Datasets at full size"). So the
+floats a multiply took 0.13-0.25 ms, `torch.where(a > 0, a, b)` 3.0-3.3 ms and `bernoulli_`
+8.6-9.9 ms on the 2-core EPYC we measured (scripts/bench_ctr_ops.py, several runs; README,
+"Datasets at full size"). So the
 kernels below are loops compiled by numba that read and write each tensor once, and the matrix
 products stay with torch (MKL: ~30-50 GMAC/s at these shapes, where numba loops reached ~8).
 

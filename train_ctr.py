@@ -80,8 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--mlp", default="128,64", help="hidden sizes of the MLP tower")
     p.add_argument("--tower-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="dtype of the MLP tower's matrix products (weights, Adam and everything "
-                        "else stay float32; bfloat16 pays on CPUs with native bf16, e.g. "
-                        "AVX512_BF16 or AMX: a DIN step 1.05-1.08x on the README's EPYC)")
+                        "else stay float32; bfloat16 can pay only on CPUs with native bf16, e.g. "
+                        "AVX512_BF16 or AMX: a DIN step 1.01-1.08x on the README's EPYC, within its noise)")
     p.add_argument("--dropout", type=float, default=None,
                    help="dropout in the MLP tower (default: MODEL_DEFAULTS of the model)")
     p.add_argument("--patience", type=int, default=3,

@@ -19,8 +19,8 @@ train_net does. Variants:
   + bf16 autocast  the forward under torch.autocast(bfloat16); weights and Adam stay fp32
   + bf16 tower     train_ctr --tower-dtype bfloat16: only the MLP tower's products in bf16
 Prints samples/s per variant (median over rounds), its ratio to the first row, and its ratio to
-the LAST commit's row round by round (median [min, max] of the per-round ratios: the host's
-speed drifts between rounds, a ratio within one round much less).
+the LAST commit's row and to today's step at --big-batch round by round (median [min, max] of the
+per-round ratios: the host's speed drifts between rounds, a ratio within one round much less).
 --profile N instead profiles N steps of the working tree's step (torch.profiler, CPU): the share
 of the step in each phase (batch gathering, forward, backward, Adam) and in matrix products (mm,
 addmm, bmm), and the bound that gives: with every other operation free, a step could be at most
@@ -261,14 +261,19 @@ def main():
               flush=True)
     print(f"\n{len(feats):,} train samples, {a.threads} threads, {a.rounds} rounds x {a.steps} "
           f"steps, samples/s median [min, max]\n")
-    print("| variant | samples/s | vs first row | vs the last commit's row, paired by round |")
-    print("|---|---|---|---|")
+    print("| variant | samples/s | vs first row | vs the last commit's row, paired by round | "
+          f"vs now at batch {BB}, paired by round |")
+    print("|---|---|---|---|---|")
     base = float(np.median(speed[variants[0][0]]))
-    ref = speed[variants[3][0]]  # LAST's step: each round's ratio, so the host's drift cancels
+
+    def paired(v, ref):  # each round's ratio, so the host's drift between rounds cancels
+        r = [x / y for x, y in zip(v, ref)]
+        return f"{np.median(r):.3f}x [{min(r):.3f}x, {max(r):.3f}x]"
+    last, now = speed[variants[3][0]], speed[variants[5][0]]
     for name, v in speed.items():
-        m, r = float(np.median(v)), [x / y for x, y in zip(v, ref)]
+        m = float(np.median(v))
         print(f"| {name} | {m:,.0f} [{min(v):,.0f}, {max(v):,.0f}] | {m / base:.2f}x | "
-              f"{np.median(r):.3f}x [{min(r):.3f}x, {max(r):.3f}x] |")
+              f"{paired(v, last)} | {paired(v, now)} |")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,14 @@ much of the update a bf16 merge loses. Not a test: numbers depend on the machine
 
     python scripts/bench_generation.py                    # SmolLM2-135M, fp32 and bf16
     python scripts/bench_generation.py --model tiny --dtypes float32 --repeats 2
+
+--lm-head instead times greedy generation of --prompts distinct prompts (the explanation step's
+case: every prompt its own prefill) at each of --batches, with the lm_head's contiguous-input
+hook (llm.LLM.lm_head_hook) and without it, interleaved: without it torch expands the frozen
+[V, H] lm_head weight to one copy per row when the last position's hidden state arrives as a
+strided [B, 1, H] view. Also times that product alone, strided vs contiguous.
+
+    python scripts/bench_generation.py --lm-head --dtypes bfloat16 --batches 32,128
 """
 from __future__ import annotations
 
@@ -54,6 +62,46 @@ def merge_loss(bundle, name) -> tuple[float, float]:
     return unchanged, (err / norm) ** 0.5
 
 
+def time_lm_head(a) -> None:
+    """Greedy generation of distinct prompts with and without the lm_head hook; the product alone."""
+    print(f"| dtype | batch | lm_head input | product alone, ms | {a.prompts} prompts x "
+          f"{a.new_tokens} new tokens, median s ({a.repeats} runs) |\n|---|---|---|---|---|")
+    for dtype in a.dtypes.split(","):
+        b = llm.LLM(a.model, dtype, threads=a.threads)
+        b.attach({"explainer": None})
+        head = b.base.get_output_embeddings()
+        hook = b.lm_head_hook
+        items = {str(i): {"title": f"Film {i}", "genres": ["Drama", "Comedy", "Horror"][i % 3:]}
+                 for i in range(a.prompts + 6)}
+        prompts = [b.explainer_ids(common.build_prompt(  # all distinct: target i, history i+1..i+6
+            {"uid": "1", "iid": str(i), "label": 0, "ts": 0,
+             "hist": [[str(i + 1 + j), (i >> j) & 1] for j in range(6)]}, items))
+            for i in range(a.prompts)]
+        assert len({tuple(x) for x in prompts}) == len(prompts)  # (copies would share a prefill)
+        for B in [int(x) for x in a.batches.split(",")]:
+            times = {"contiguous (hook)": [], "strided view (no hook)": []}
+            with torch.inference_mode():
+                h = torch.randn(B, 100, head.weight.shape[1], dtype=head.weight.dtype)[:, -1:]
+                alone = {}
+                for k, x in (("contiguous (hook)", h.contiguous()), ("strided view (no hook)", h)):
+                    torch.nn.functional.linear(x, head.weight)  # warm-up
+                    t0 = time.perf_counter()
+                    torch.nn.functional.linear(x, head.weight)
+                    alone[k] = (time.perf_counter() - t0) * 1e3
+            with b.use("explainer"):
+                for _ in range(a.repeats):
+                    for k in times:
+                        hook.remove()
+                        if k.startswith("contiguous"):
+                            hook = head.register_forward_pre_hook(llm._contiguous_input)
+                        t0 = time.perf_counter()
+                        for i in range(0, len(prompts), B):
+                            b.generate(prompts[i:i + B], greedy=True, max_new_tokens=a.new_tokens)
+                        times[k].append(time.perf_counter() - t0)
+            for k, ts in times.items():
+                print(f"| {dtype} | {B} | {k} | {alone[k]:.1f} | {statistics.median(ts):.2f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -63,7 +111,13 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--lora-b-std", type=float, default=1e-3, help="std of LoRA B (a few dozen Adam steps)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lm-head", action="store_true",
+                   help="instead: greedy generation with and without the lm_head's contiguous-input hook")
+    p.add_argument("--batches", default="32,128", help="--lm-head: generate() batch sizes")
+    p.add_argument("--prompts", type=int, default=128, help="--lm-head: distinct prompts per run")
     a = p.parse_args()
+    if a.lm_head:
+        return time_lm_head(a)
     sample = {"uid": "1", "iid": "1", "label": 0, "ts": 0, "hist": []}
     print(f"| dtype | path | median s ({a.repeats} runs) | tokens/s | bf16-merge: weights unchanged | "
           f"merged update rel. error |\n|---|---|---|---|---|---|")

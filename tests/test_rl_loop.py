@@ -94,6 +94,43 @@ def test_bf16_greedy_text_is_the_unmerged_policy_argmax(bf16_bundle):
         set_lora_b(b, "explainer", 3e-3)
 
 
+def test_lm_head_reads_a_contiguous_input_when_generating_distinct_prompts(bf16_bundle):
+    """generate() over distinct prompts hands lm_head the last position as a [B, 1, H] slice;
+    for a frozen weight torch's matmul then copies the weight once per row (2 s at B = 32 on
+    SmolLM2, scripts/bench_generation.py --lm-head). LLM.lm_head_hook lays the input out
+    contiguously first; the logits are the same numbers."""
+    b = bf16_bundle
+    head = b.base.get_output_embeddings()
+    seen = []
+    probe = head.register_forward_pre_hook(lambda m, a: seen.append((a[0].shape, a[0].is_contiguous())))
+    try:
+        with b.use("explainer"):
+            out = b.generate(prompts_of(b, 6), greedy=True, max_new_tokens=3)
+    finally:
+        probe.remove()
+    assert out and seen and seen[0][0][:2] == (6, 1)  # the prefill's last position, all 6 rows
+    assert all(contiguous for _, contiguous in seen), seen
+    x = torch.randn(4, 7, head.weight.shape[1], dtype=head.weight.dtype)[:, -1:]
+    with torch.inference_mode():
+        assert torch.equal(head(x), torch.nn.functional.linear(x, head.weight))
+
+
+def test_bench_generation_lm_head_times_both_layouts():
+    """scripts/bench_generation.py --lm-head runs on the tiny model: one row per batch and
+    layout, and leaves nothing checked about speed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_generation.py"
+    out = subprocess.run([sys.executable, str(script), "--lm-head", "--model", "tiny", "--dtypes",
+                          "float32", "--batches", "2,4", "--prompts", "4", "--repeats", "1",
+                          "--new-tokens", "2", "--threads", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| float32 |")]
+    assert [r.split(" | ")[1:3] for r in rows] == [["2", "contiguous (hook)"], ["2", "strided view (no hook)"],
+                                                   ["4", "contiguous (hook)"], ["4", "strided view (no hook)"]], out
+
+
 def test_llm_has_no_merged_generation_path():
     assert not hasattr(llm.LLM, "merged")
 

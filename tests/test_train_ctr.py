@@ -301,7 +301,8 @@ def test_bench_ctr_train_runs_every_variant(run):
                          capture_output=True, text=True, check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and "x |" in line]
     assert len(rows) == 8 and "| 1.00x |" in rows[0], out
-    assert rows[3].endswith("| 1.000x [1.000x, 1.000x] |"), out  # the last commit's row, paired
+    one = "1.000x [1.000x, 1.000x]"
+    assert rows[3].split(" | ")[3] == one and rows[5].endswith(f"| {one} |"), out  # each row paired with itself
 
 
 def test_bench_ctr_train_profile_reports_each_phase_and_the_matmul_share(run):

@@ -70,7 +70,7 @@ def time_lm_head(a) -> None:
         b = llm.LLM(a.model, dtype, threads=a.threads)
         b.attach({"explainer": None})
         head = b.base.get_output_embeddings()
-        hook = b.lm_head_hook
+        b.lm_head_hook.remove()  # each run below registers it or not
         items = {str(i): {"title": f"Film {i}", "genres": ["Drama", "Comedy", "Horror"][i % 3:]}
                  for i in range(a.prompts + 6)}
         prompts = [b.explainer_ids(common.build_prompt(  # all distinct: target i, history i+1..i+6
@@ -91,13 +91,14 @@ def time_lm_head(a) -> None:
             with b.use("explainer"):
                 for _ in range(a.repeats):
                     for k in times:
-                        hook.remove()
-                        if k.startswith("contiguous"):
-                            hook = head.register_forward_pre_hook(llm._contiguous_input)
+                        hook = (head.register_forward_pre_hook(llm._contiguous_input)
+                                if k.startswith("contiguous") else None)
                         t0 = time.perf_counter()
                         for i in range(0, len(prompts), B):
                             b.generate(prompts[i:i + B], greedy=True, max_new_tokens=a.new_tokens)
                         times[k].append(time.perf_counter() - t0)
+                        if hook is not None:
+                            hook.remove()
             for k, ts in times.items():
                 print(f"| {dtype} | {B} | {k} | {alone[k]:.1f} | {statistics.median(ts):.2f} |", flush=True)
 

@@ -96,8 +96,8 @@ def test_bf16_greedy_text_is_the_unmerged_policy_argmax(bf16_bundle):
 
 def test_lm_head_reads_a_contiguous_input_when_generating_distinct_prompts(bf16_bundle):
     """generate() over distinct prompts hands lm_head the last position as a [B, 1, H] slice;
-    for a frozen weight torch's matmul then copies the weight once per row (2 s at B = 32 on
-    SmolLM2, scripts/bench_generation.py --lm-head). LLM.lm_head_hook lays the input out
+    for a frozen weight torch's matmul then copies the weight once per row (1.5 s at B = 32
+    on SmolLM2 in bf16, scripts/bench_generation.py --lm-head). LLM.lm_head_hook lays the input out
     contiguously first; the logits are the same numbers."""
     b = bf16_bundle
     head = b.base.get_output_embeddings()

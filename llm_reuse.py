@@ -16,6 +16,8 @@ lower states for torchrun (llm.lower_states_chunked) stay in llm.py, beside thei
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from tqdm import tqdm
 
@@ -205,7 +207,22 @@ class PrefixReuse:
         forward (prefix KV reuse). p(click) and r_LC are one line each on top of it."""
         seqs = [self.scorer_ids(p, e, t) for p, e, t in zip(prompts, expls, targets)]
         with self.use("scorer"):
-            return self.answer_logprobs_grouped(seqs, prompts, batch_size, desc)
+            return self.answer_logprobs_grouped(seqs, self.scorer_groups(prompts, expls),
+                                                batch_size, desc)
+
+    def scorer_groups(self, prompts: list[str], expls: list[str | None]) -> list:
+        """Keys of the scorer inputs that start alike (PrefixReuse.grouped_batches). View "full":
+        the prompt comes first, so the inputs of one prompt (no text, its explanation, shuffled
+        ones) share it. View "target" [ours]: an explanation comes first and the target after
+        it, so the inputs that read one explanation share it, whichever target follows: the
+        shuffle baseline reads each explanation once per permutation, all of them from one
+        forward of it. An explanation read once (a rollout's K samples, mostly) or none: the
+        prompt, as in view "full" (the inputs then share the chat template's opening)."""
+        if self.scorer_view != "target":
+            return [("prompt", p) for p in prompts]
+        uses = Counter(e.strip() for e in expls if e is not None)
+        return [("explanation", e.strip()) if e is not None and uses[e.strip()] > 1
+                else ("prompt", p) for p, e in zip(prompts, expls)]
 
     @torch.inference_mode()
     def completion_logprobs_grouped(self, prompts: list[list[int]], completions: list[list[int]],

@@ -173,6 +173,8 @@ FAULTS = [
   "tests/test_train_ctr.py::test_bench_ctr_train_profile_reports_each_phase_and_the_matmul_share"),
  ("lm_head_input_strided", "llm.py", "        self.lm_head_hook = self.base.get_output_embeddings().register_forward_pre_hook(_contiguous_input)\n", "        self.lm_head_hook = self.base.get_output_embeddings().register_forward_pre_hook(lambda m, a: a)\n",
   "tests/test_rl_loop.py::test_lm_head_reads_a_contiguous_input_when_generating_distinct_prompts"),
+ ("scorer_groups_by_prompt_only", "llm_reuse.py", "        if self.scorer_view != \"target\":\n", "        if True:\n",
+  "tests/test_llm_stages.py::test_scorer_target_view_shares_each_explanations_forward_across_its_shuffles"),
  ("emb_reg_not_in_optimizer", "train_ctr.py", "\"weight_decay\": args.weight_decay + args.emb_reg}", "\"weight_decay\": args.weight_decay}",
   "tests/test_ctr_ops.py::test_emb_reg_as_weight_decay_is_the_l2_penalty_update"),
  ("ddp_grads_not_reduced", "parallel.py", "        dist.all_reduce(flat)\n        total", "        total",

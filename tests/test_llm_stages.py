@@ -358,6 +358,37 @@ def test_prefix_kv_reuse_equals_separate_forwards():
             assert torch.allclose(x.float(), y, atol=2e-5), (x - y).abs().max()
 
 
+def test_scorer_target_view_shares_each_explanations_forward_across_its_shuffles(monkeypatch):
+    """View "target" puts the explanation before the target, so the shuffle baseline's inputs
+    that read one explanation share its forward (one group, its prefix covers the explanation),
+    and their p(click) equals separate forwards; an explanation read once keeps its prompt's group."""
+    b = _bundle_with_random_adapters()
+    b.scorer_view = "target"
+    prompts = ["liked A, B.\nTarget item: C.", "liked D; disliked E.\nTarget: H.", "liked F.\nTarget: J."]
+    targets = ["C (Drama)", "H (Comedy)", "J (Horror)"]
+    expls = ["He likes dramas and comedies a lot.", "She dislikes horror films.", "Unsure."]
+    perm = [2, 0, 1]
+    P = prompts * 3 + prompts[:1]
+    E = [None] * 3 + expls + [expls[q] for q in perm] + ["A one-off text."]
+    T = targets * 3 + targets[:1]
+    keys = b.scorer_groups(P, E)
+    assert keys[:3] == [("prompt", p) for p in prompts] and keys[-1] == ("prompt", prompts[0])
+    for j, e in enumerate(expls):  # read by prompt j and by the prompt that perm sends it to
+        assert keys[3 + j] == keys[6 + perm.index(j)] == ("explanation", e)
+    seen = []
+    real = b.hidden_after_prefix
+    monkeypatch.setattr(b, "hidden_after_prefix", lambda pre, suf, own: (
+        seen.append((pre, suf)), real(pre, suf, own))[1])
+    with torch.inference_mode():
+        got = b.scorer_logprobs(P, E, T, batch_size=4)
+        with b.use("scorer"):
+            sep = torch.cat([b.answer_logprobs([b.scorer_ids(p, e, t)]) for p, e, t in zip(P, E, T)])
+    assert torch.allclose(sep, got, atol=2e-5), (sep - got).abs().max()
+    texts = [b.tok.decode(x) for pre, _ in seen for x in pre]
+    for e in expls:  # its forward runs once, for every input that reads it
+        assert sum(f"Explanation: {e}" in t for t in texts) == 1, (e, texts)
+
+
 def test_shared_prefill_samples_what_separate_prefill_samples():
     """K copies of a prompt in one generate() batch share its prefill; the draws (same seed) and
     their log-probs are those of a prefill per row."""

@@ -7,6 +7,14 @@ Prints seconds per phase (median of --repeats) and the speed-up. A benchmark, no
 2 shared cores of the development machine are noisy, so read ratios, not absolute times.
 
     python scripts/bench_rollouts.py --run-dir runs/planted --prompts 8 --k 4
+
+--predictions instead times the predictions step's scorer pass (stage1_sft.predict_p) on the
+first --prompts test prompts: no text, and each of --tags' explanations with --shuffles
+permutations of them, the inputs grouped by prompt (before) or as the scorer's view groups them
+(llm_reuse.PrefixReuse.scorer_groups: view "target" shares each explanation's forward across
+the permutations that read it). Needs R/explanations/TAG/test.jsonl for every tag.
+
+    python scripts/bench_rollouts.py --run-dir runs/planted/planted --predictions --prompts 64
 """
 from __future__ import annotations
 
@@ -22,7 +30,42 @@ import torch  # noqa: E402
 import common  # noqa: E402
 import llm  # noqa: E402
 import parallel  # noqa: E402
+import stage1_sft  # noqa: E402
 import stage2_reward  # noqa: E402
+
+
+def time_predictions(a, paths, model) -> None:
+    """The predictions step's scorer pass, its inputs grouped by prompt vs by scorer_groups."""
+    import numpy as np
+    items, popt = common.load_items(paths), common.prompt_options(paths)
+    every = common.load_split(paths, "test")
+    rows = every[: a.prompts]
+    prompts = [common.build_prompt(r, items, **popt) for r in rows]
+    targets = [common.target_text(r, items) for r in rows]
+    variants = [[None] * len(rows)]
+    for tag in a.tags.split(","):
+        ex = [e["explanation"] for e in common.load_explanations(paths, tag, "test", every)][: a.prompts]
+        variants += [ex] + [[ex[q] for q in np.random.default_rng([0, j]).permutation(len(rows))]
+                            for j in range(a.shuffles)]
+    bundle = llm.LLM(model, a.dtype)
+    bundle.attach({"scorer": paths.scorer})
+    own = bundle.scorer_groups
+    by_prompt = lambda P, E: [("prompt", p) for p in P]  # noqa: E731 (the grouping before)
+    times, out = {"by prompt": [], "scorer_groups": []}, {}
+    for rep in range(a.repeats):
+        for k in times:
+            bundle.scorer_groups = by_prompt if k == "by prompt" else own
+            t0 = time.time()
+            out[k] = stage1_sft.predict_p(bundle, prompts, variants, a.batch, targets)
+            times[k].append(time.time() - t0)
+            print(f"rep {rep} {k}: {times[k][-1]:.1f}s", flush=True)
+    b, s = (statistics.median(times[k]) for k in times)
+    diff = float(np.abs(out["by prompt"] - out["scorer_groups"]).max())
+    print(f"\n{len(rows)} test prompts x {len(variants)} scorer inputs (none; {a.tags} x (own + "
+          f"{a.shuffles} shuffles)), view {bundle.scorer_view}, {bundle.dtype}, batch {a.batch}, "
+          f"{torch.get_num_threads()} threads, median of {a.repeats}; max |p difference| {diff:.2g}")
+    print(f"| inputs grouped | seconds |\n|---|---|\n| by prompt (before) | {b:.1f} |\n"
+          f"| scorer_groups | {s:.1f} |\n| speed-up | {b / max(s, 1e-9):.2f}x |")
 
 
 def main():
@@ -35,9 +78,15 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=16, help="--gen-batch and --fwd-batch")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--predictions", action="store_true",
+                   help="instead: the predictions step's scorer pass, grouped by prompt vs scorer_groups")
+    p.add_argument("--tags", default="base,iter_9", help="--predictions: explanation tags")
+    p.add_argument("--shuffles", type=int, default=5, help="--predictions: permutations per tag")
     a = p.parse_args()
     paths = common.RunPaths(a.run_dir)
     model = llm.run_model(paths, a.model)
+    if a.predictions:
+        return time_predictions(a, paths, model)
     items, popt = common.load_items(paths), common.prompt_options(paths)
     rl = common.load_split(paths, "rl")[: a.prompts]
     samples = [s for s in rl for _ in range(a.k)]

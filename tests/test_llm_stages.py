@@ -738,3 +738,27 @@ def test_explainer_form_generates_each_prompt_variant_and_keeps_its_prefix(tiny_
         ef.main(["--run-dir", str(tiny_run), "--model", "tiny", "--split", "test"])
     with pytest.raises(ExpCTRError, match="question 'nope'"):
         ef.main(["--run-dir", str(tiny_run), "--model", "tiny", "--variant", "nope|x"])
+
+
+def test_bench_rollouts_predictions_times_both_groupings(tiny_run, tmp_path):
+    """scripts/bench_rollouts.py --predictions runs the predictions step's scorer pass grouped
+    both ways on a run folder and prints the table; the two groupings give the same p(click)."""
+    import subprocess
+    import sys
+    run = copy_run(tiny_run, tmp_path / "run")
+    paths = RunPaths(run)
+    rows = common.load_split(paths, "test")
+    paths.explanations("base", "test").parent.mkdir(parents=True)
+    common.write_jsonl(paths.explanations("base", "test"), (
+        {"uid": r["uid"], "iid": r["iid"], "label": r["label"], "explanation": f"Text {i % 3}."}
+        for i, r in enumerate(rows)))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_rollouts.py"
+    out = subprocess.run([sys.executable, str(script), "--run-dir", str(run), "--predictions",
+                          "--prompts", "4", "--tags", "base", "--shuffles", "2", "--repeats", "1",
+                          "--model", "tiny", "--dtype", "float32"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = out.stdout
+    assert "4 test prompts x 4 scorer inputs" in out, out
+    assert float(out.split("max |p difference| ")[1].split()[0]) < 1e-4, out
+    assert [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ")][1:] == \
+        ["| by prompt (before)", "| scorer_groups", "| speed-up"], out

@@ -148,15 +148,32 @@ def predict_p(bundle: llm.LLM, prompts: list[str], variants: list[list[str | Non
 
 def predict_p_chunked(world, bundle: llm.LLM, prompts: list[str], variants: list[list[str | None]],
                       batch: int, targets: list[str] | None = None) -> np.ndarray:
-    """predict_p in chunks of `batch` prompts (chunk c on rank c % N under torchrun; the same
-    chunks for any N, so the same numbers), gathered on every rank -> [n_variants, n]."""
-    targets = targets or [None] * len(prompts)
-    chunks = [range(a, min(len(prompts), a + batch)) for a in range(0, len(prompts), batch)]
-    got = world.map_chunks(len(chunks), lambda c: predict_p(
-        bundle, [prompts[i] for i in chunks[c]], [[v[i] for i in chunks[c]] for v in variants],
-        batch, [targets[i] for i in chunks[c]]), "score")
-    return np.concatenate([got[c] for c in range(len(chunks))], 1) if chunks else \
-        np.zeros((len(variants), 0))
+    """predict_p in chunks (chunk c on rank c % N under torchrun; the same chunks for any N, so
+    the same numbers), gathered on every rank -> [n_variants, n]. A chunk holds whole groups of
+    scorer inputs (llm_reuse.PrefixReuse.scorer_groups), about `batch` prompts' worth, so that
+    inputs which share a forward (one explanation under every permutation that reads it) are
+    never split across chunks."""
+    n, V = len(prompts), len(variants)
+    targets = targets or [None] * n
+    P = [p for p in prompts for _ in variants]  # input j = prompt j // V, variant j % V
+    E = [v[i] for i in range(n) for v in variants]
+    T = [t for t in targets for _ in variants]
+    groups: dict = {}
+    for j, key in enumerate(bundle.scorer_groups(P, E)):
+        groups.setdefault(key, []).append(j)
+    chunks, cur = [], []
+    for members in groups.values():  # first-use order: deterministic
+        cur += members
+        if len(cur) >= batch * V:
+            chunks.append(cur)
+            cur = []
+    chunks += [cur] if cur else []
+    got = world.map_chunks(len(chunks), lambda c: bundle.scorer_logprobs(
+        [P[j] for j in chunks[c]], [E[j] for j in chunks[c]], [T[j] for j in chunks[c]], batch), "score")
+    p = np.zeros(n * V)
+    for c, idx in enumerate(chunks):
+        p[idx] = got[c][:, 0].exp().numpy().astype(np.float64)
+    return p.reshape(n, V).T
 
 
 def profile_echo(sample: dict, items: dict, popt: dict, keep: set[str] | None = None) -> str:

@@ -8,9 +8,10 @@ Prints seconds per phase (median of --repeats) and the speed-up. A benchmark, no
 
     python scripts/bench_rollouts.py --run-dir runs/planted --prompts 8 --k 4
 
---predictions instead times the predictions step's scorer pass (stage1_sft.predict_p) on the
-first --prompts test prompts: no text, and each of --tags' explanations with --shuffles
-permutations of them, the inputs grouped by prompt (before) or as the scorer's view groups them
+--predictions instead times the predictions step's scorer pass (stage1_sft.predict_p_chunked,
+chunks of --batch prompts' worth, as `stage1_sft.py --predict` runs it) on the first --prompts
+test prompts: no text, and each of --tags' explanations with --shuffles permutations of them,
+the inputs grouped by prompt (before) or as the scorer's view groups them
 (llm_reuse.PrefixReuse.scorer_groups: view "target" shares each explanation's forward across
 the permutations that read it). Needs R/explanations/TAG/test.jsonl for every tag.
 
@@ -56,7 +57,8 @@ def time_predictions(a, paths, model) -> None:
         for k in times:
             bundle.scorer_groups = by_prompt if k == "by prompt" else own
             t0 = time.time()
-            out[k] = stage1_sft.predict_p(bundle, prompts, variants, a.batch, targets)
+            out[k] = stage1_sft.predict_p_chunked(parallel.World(), bundle, prompts, variants,
+                                                  a.batch, targets)
             times[k].append(time.time() - t0)
             print(f"rep {rep} {k}: {times[k][-1]:.1f}s", flush=True)
     b, s = (statistics.median(times[k]) for k in times)

@@ -175,6 +175,8 @@ FAULTS = [
   "tests/test_rl_loop.py::test_lm_head_reads_a_contiguous_input_when_generating_distinct_prompts"),
  ("scorer_groups_by_prompt_only", "llm_reuse.py", "        if self.scorer_view != \"target\":\n", "        if True:\n",
   "tests/test_llm_stages.py::test_scorer_target_view_shares_each_explanations_forward_across_its_shuffles"),
+ ("prediction_chunks_by_prompt", "stage1_sft.py", "    for j, key in enumerate(bundle.scorer_groups(P, E)):", "    for j, key in enumerate(P):",
+  "tests/test_llm_stages.py::test_prediction_chunks_keep_each_explanations_inputs_together"),
  ("emb_reg_not_in_optimizer", "train_ctr.py", "\"weight_decay\": args.weight_decay + args.emb_reg}", "\"weight_decay\": args.weight_decay}",
   "tests/test_ctr_ops.py::test_emb_reg_as_weight_decay_is_the_l2_penalty_update"),
  ("ddp_grads_not_reduced", "parallel.py", "        dist.all_reduce(flat)\n        total", "        total",

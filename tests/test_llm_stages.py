@@ -389,6 +389,32 @@ def test_scorer_target_view_shares_each_explanations_forward_across_its_shuffles
         assert sum(f"Explanation: {e}" in t for t in texts) == 1, (e, texts)
 
 
+def test_prediction_chunks_keep_each_explanations_inputs_together(monkeypatch):
+    """stage1_sft.predict_p_chunked cuts the scorer inputs into chunks of whole groups: with one
+    prompt per chunk, an explanation read under several permutations is still scored in one call
+    (one forward of it), and the result is predict_p's in one call."""
+    import parallel
+    b = _bundle_with_random_adapters()
+    b.scorer_view = "target"
+    prompts = [f"liked {c}; disliked {d}.\nTarget item: {c}." for c, d in zip("ABCDEF", "GHIJKL")]
+    targets = [f"{c} (Drama)" for c in "ABCDEF"]
+    expls = [f"Explanation number {i} of the user." for i in range(6)]
+    perms = [[1, 2, 3, 4, 5, 0], [5, 3, 1, 0, 2, 4]]
+    variants = [[None] * 6, expls] + [[expls[q] for q in perm] for perm in perms]
+    calls = []
+    real = b.scorer_logprobs
+    monkeypatch.setattr(b, "scorer_logprobs", lambda P, E, T, batch, desc="score": (
+        calls.append(E), real(P, E, T, batch, desc))[1])
+    with torch.inference_mode():
+        got = stage1_sft.predict_p_chunked(parallel.World(), b, prompts, variants, 1, targets)
+        chunks = list(calls)
+        one = stage1_sft.predict_p(b, prompts, variants, 4, targets)
+    assert got.shape == (4, 6) and np.allclose(got, one, atol=2e-5), np.abs(got - one).max()
+    assert len(chunks) > 2  # several chunks ...
+    for e in expls:  # ... and every explanation's three inputs in one of them
+        assert [E.count(e) for E in chunks if e in E] == [3], (e, chunks)
+
+
 def test_shared_prefill_samples_what_separate_prefill_samples():
     """K copies of a prompt in one generate() batch share its prefill; the draws (same seed) and
     their log-probs are those of a prefill per row."""

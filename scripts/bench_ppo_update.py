@@ -7,6 +7,7 @@ depend on the machine; read the ratio.
 
     python scripts/bench_ppo_update.py                                  # SmolLM2-135M, bf16
     python scripts/bench_ppo_update.py --model tiny --dtype float32 --rollouts 8 --minibatch 4
+    python scripts/bench_ppo_update.py --top "" --attn sdpa,eager      # the attention kernel
 """
 from __future__ import annotations
 
@@ -58,31 +59,37 @@ def main():
     p.add_argument("--top", default="10", help="comma-separated N of --lora-layers to compare")
     p.add_argument("--targets", default="all", help="LoRA projections of the top-N variants")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--attn", default="sdpa", help="comma-separated attention implementations of "
+                   "transformers to compare (sdpa, eager); every LoRA variant runs with each")
     a = p.parse_args()
     torch.manual_seed(0)
     probe = llm.LLM(a.model, a.dtype)
     V = probe.tok.vocab_size
     prompts = [torch.randint(100, V - 100, (a.prompt_len,)).tolist() for _ in range(a.rollouts)]
     comps = [torch.randint(100, V - 100, (a.completion_len,)).tolist() for _ in range(a.rollouts)]
-    variants = [("all layers, q/v", 0, llm.LORA_TARGETS)] + [
+    lora = [("all layers, q/v", 0, llm.LORA_TARGETS)] + [
         (f"top {n}, {a.targets}", n, llm.ALL_PROJ if a.targets == "all" else tuple(a.targets.split(",")))
-        for n in map(int, a.top.split(","))]
+        for n in (map(int, a.top.split(",")) if a.top else ())]
+    attns = a.attn.split(",")
+    variants = [(name + (f", {attn} attention" if len(attns) > 1 else ""), n, targets, attn)
+                for name, n, targets in lora for attn in attns]
     bundles = []
-    for _, n, targets in variants:
+    for _, n, targets, attn in variants:
         b = llm.LLM(a.model, a.dtype)
+        b.base.set_attn_implementation(attn)
         b.attach({"explainer": None}, targets=targets, top_layers=n)
         b.model.eval()
         bundles.append(b)
     times = {v[0]: [] for v in variants}
     for _ in range(a.repeats):
-        for (name, n, _), b in zip(variants, bundles):
+        for (name, n, _, _), b in zip(variants, bundles):
             times[name].append(one_iteration(b, prompts, comps, a, n))
     print(f"\nPPO update of one iteration: {a.rollouts} rollouts of {a.prompt_len} + {a.completion_len} "
           f"tokens, minibatch {a.minibatch}, {a.ppo_epochs} epochs; {a.model} ({probe.dtype}), "
           f"{torch.get_num_threads()} threads, median of {a.repeats} interleaved runs\n")
     print("| LoRA | trainable params | median s | speed-up |\n|---|---|---|---|")
     base = statistics.median(times[variants[0][0]])
-    for (name, _, _), b in zip(variants, bundles):
+    for (name, _, _, _), b in zip(variants, bundles):
         med = statistics.median(times[name])
         n_par = sum(x.numel() for x in b.trainable("explainer"))
         print(f"| {name} | {n_par:,} | {med:.1f} | {base / med:.2f}x |")

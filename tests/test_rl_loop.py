@@ -131,6 +131,21 @@ def test_bench_generation_lm_head_times_both_layouts():
                                                    ["4", "contiguous (hook)"], ["4", "strided view (no hook)"]], out
 
 
+def test_bench_ppo_update_compares_attention_kernels():
+    """scripts/bench_ppo_update.py --attn sdpa,eager runs one PPO update per attention kernel of
+    transformers on the tiny model: a row each, named by the kernel; nothing about speed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_ppo_update.py"
+    out = subprocess.run([sys.executable, str(script), "--model", "tiny", "--dtype", "float32",
+                          "--rollouts", "4", "--minibatch", "2", "--prompt-len", "6",
+                          "--completion-len", "3", "--top", "", "--attn", "sdpa,eager",
+                          "--repeats", "1"], capture_output=True, text=True, check=True).stdout
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| all layers")]
+    assert rows == ["| all layers, q/v, sdpa attention", "| all layers, q/v, eager attention"], out
+
+
 def test_llm_has_no_merged_generation_path():
     assert not hasattr(llm.LLM, "merged")
 

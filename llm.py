@@ -50,7 +50,7 @@ def run_model(paths: common.RunPaths, arg: str | None) -> str:
 
 
 def add_model_args(p) -> None:
-    """The options every LLM stage shares (which base model, dtype, device, CPU threads)."""
+    """The options every LLM stage shares (base model, dtype, device, CPU threads, attention)."""
     p.add_argument("--model", default=None, help="base LLM: smollm2-135m, tiny, or a HF folder/hub "
                    "id (default: R/run.json's model, else smollm2-135m); must match the run's "
                    "adapters and rollout files")
@@ -59,6 +59,13 @@ def add_model_args(p) -> None:
                    "LoRA weights stay fp32 and are never merged into the base weights")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--attn", default="sdpa", choices=list(ATTENTION),
+                   help="attention kernel of the forward passes over whole sequences (scoring, "
+                   "log-probs, SFT and PPO updates); generation always runs sdpa. eager was "
+                   "1.10-1.23x faster there on a 2-core CPU in bf16, sdpa faster for generation (README)")
+
+
+ATTENTION = ("sdpa", "eager")  # transformers' attention implementations we offer (--attn)
 
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
@@ -80,7 +87,8 @@ def _contiguous_input(module, args):  # forward pre-hook: the same input, laid o
 class LLM(LowerLayers, PrefixReuse):
     """Base model + tokenizer; `attach()` adds the explainer / scorer LoRA adapters."""
 
-    def __init__(self, name: str, dtype: str = "auto", device: str | None = None, threads: int = 2):
+    def __init__(self, name: str, dtype: str = "auto", device: str | None = None, threads: int = 2,
+                 attn: str = "sdpa"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         if threads:
             torch.set_num_threads(threads)
@@ -94,6 +102,13 @@ class LLM(LowerLayers, PrefixReuse):
         except OSError as e:
             raise ExpCTRError(f"--model {name}: cannot load ({str(e).splitlines()[0]})") from None
         self.base.to(self.device).eval()
+        if attn not in ATTENTION:
+            raise ExpCTRError(f"--attn {attn}: expected one of {', '.join(ATTENTION)}")
+        # [ours] the forwards over whole sequences run `attn`; generate() switches to sdpa. On
+        # CPU, SDPA's flash-attention backward was 22.5% of a PPO step and eager's products are
+        # faster there, while SDPA decodes one query faster (README, "the attention kernel")
+        self.attn = attn
+        self.base.set_attn_implementation(attn)
         # The last position's hidden state reaches lm_head as a strided [B, 1, H] view. For such an
         # input and a weight that does not require grad (frozen, as here), torch's matmul does not
         # fold the batch into one product: it expands the [V, H] weight to [B, H, V] and copies it
@@ -424,8 +439,9 @@ class LLM(LowerLayers, PrefixReuse):
                                pad_token_id=self.tok.pad_token_id, eos_token_id=self.eos_id,
                                suppress_tokens=self.suppress, output_scores=return_logprobs,
                                return_dict_in_generate=True)
-        gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg,
-                                  **({"cache": cache} if cache is not None else {}))
+        with self.attention("sdpa"):  # (the shared prefill above ran self.attn, like scoring)
+            gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg,
+                                      **({"cache": cache} if cache is not None else {}))
         new = gen.sequences[:, ids.shape[1]:]
         res, lps = [], []
         for b, row in enumerate(new.tolist()):
@@ -436,6 +452,18 @@ class LLM(LowerLayers, PrefixReuse):
                 lps.append(torch.stack([torch.log_softmax(gen.scores[t][b].float(), -1)[tok]
                                         for t, tok in enumerate(row)]) if row else torch.zeros(0))
         return (res, lps) if return_logprobs else res
+
+    @contextmanager
+    def attention(self, impl: str):
+        """Context: the decoder runs attention implementation `impl`, then self.attn again."""
+        if impl == self.attn:
+            yield
+            return
+        self.base.set_attn_implementation(impl)
+        try:
+            yield
+        finally:
+            self.base.set_attn_implementation(self.attn)
 
     def _shared_prefill(self, prompts: list[list[int]]):
         """[ours] Prefix KV reuse for rollouts: when a batch holds K copies of a prompt, run each

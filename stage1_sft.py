@@ -47,7 +47,7 @@ from common import ExpCTRError, RunPaths
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", required=True, help="run folder (made by data_prep.py)")
-    llm.add_model_args(p)  # --model, --dtype, --device, --threads
+    llm.add_model_args(p)  # --model, --dtype, --device, --threads, --attn
     p.add_argument("--seed", type=int, default=0, help="seed of shuffling, dropout, LoRA init")
     p.add_argument("--expl-tag", default="base",
                    help="explanations the scorer trains on: R/explanations/<tag>/ [ours: base]; "
@@ -240,7 +240,8 @@ def train(args, paths: RunPaths, model: str, world):
     if args.max_train:
         tr_rows, tr_ex = tr_rows[:args.max_train], tr_ex[:args.max_train]
     common.set_seed(args.seed)
-    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads))
+    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads),
+                     attn=args.attn)
     targets = llm.ALL_PROJ if args.lora_targets == "all" else tuple(args.lora_targets.split(","))
     bundle.attach({"scorer": None}, r=args.lora_r, targets=targets, top_layers=args.lora_layers,
                   answer_layer=args.answer_layer, scorer_view=args.scorer_view,
@@ -391,7 +392,8 @@ def predict(args, paths: RunPaths, model: str, world):
         return
     paths.require(paths.scorer / "adapter_config.json", f"python stage1_sft.py --run-dir {paths.root}")
     items, popt = common.load_items(paths), common.prompt_options(paths)
-    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads))
+    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads),
+                     attn=args.attn)
     bundle.attach({"scorer": paths.scorer})
     for split in splits:
         tags_s = [t for s, t in todo if s == split]

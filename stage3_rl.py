@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", required=True, help="run folder")
     p.add_argument("--iter", type=int, required=True, help="PPO iteration k (reads rollouts/iter_k)")
-    llm.add_model_args(p)  # --model, --dtype, --device, --threads
+    llm.add_model_args(p)  # --model, --dtype, --device, --threads, --attn
     p.add_argument("--seed", type=int, default=0, help="seed of minibatch order and fresh LoRA init")
     p.add_argument("--lr", type=float, default=5e-5,
                    help="AdamW learning rate of the PPO step [ours: below the SFT 1e-4]")
@@ -185,7 +185,8 @@ def main(argv=None):
     rows = load_rollouts(paths, k, model)
     world = parallel.init(args.device)  # torchrun: each minibatch shared out, gradients averaged
     common.set_seed(args.seed + k)
-    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads))
+    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads),
+                     attn=args.attn)
     targets = llm.ALL_PROJ if args.lora_targets == "all" else tuple(args.lora_targets.split(","))
     bundle.attach({"explainer": llm.policy_folder(paths, common.policy_tag(k - 1))},
                   targets=targets, top_layers=args.lora_layers)  # a saved adapter keeps its own

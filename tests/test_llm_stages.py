@@ -324,8 +324,8 @@ def test_test_split_never_trains_the_llm(tiny_run, tmp_path):
 
 
 # ---- prefix KV reuse: the same numbers as one forward per sequence -------------------------
-def _bundle_with_random_adapters():
-    b = llm.LLM("tiny", "float32")
+def _bundle_with_random_adapters(attn: str = "sdpa"):
+    b = llm.LLM("tiny", "float32", attn=attn)
     b.attach({"scorer": None, "explainer": None})
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -413,6 +413,40 @@ def test_prediction_chunks_keep_each_explanations_inputs_together(monkeypatch):
     assert len(chunks) > 2  # several chunks ...
     for e in expls:  # ... and every explanation's three inputs in one of them
         assert [E.count(e) for E in chunks if e in E] == [3], (e, chunks)
+
+
+def test_eager_attention_gives_the_same_forwards_and_gradients_and_generates_with_sdpa():
+    """--attn eager: the forwards over whole sequences (grouped scoring, log-probs with their
+    gradients) equal sdpa's (fp32), and generate() decodes with sdpa, then eager again."""
+    s, e = _bundle_with_random_adapters("sdpa"), _bundle_with_random_adapters("eager")
+    e.model.load_state_dict(s.model.state_dict())  # (LoRA A is drawn from the global generator)
+    assert e.base.config._attn_implementation == "eager" != s.base.config._attn_implementation
+    prompts = ["The user liked: A, B.\nTarget item: C.", "liked D; disliked E, F, G.\nTarget: H."]
+    expls = ["He will like it.", None, "He will not like it at all."]
+    seqs = [s.scorer_ids(p, x) for p in prompts for x in expls]
+    pids = [s.explainer_ids(p) for p in prompts for _ in range(2)]
+    comps = [s.encode(" He likes it"), s.encode(" no"), s.encode(" yes it is"), s.encode(" He")]
+    out = {}
+    for name, b in (("sdpa", s), ("eager", e)):
+        with b.use("scorer"), torch.inference_mode():
+            score = b.answer_logprobs_grouped(seqs, [0] * 3 + [1] * 3, batch_size=4)
+        with b.use("explainer"):
+            lp = torch.cat(b.completion_logprobs(pids, comps))
+            lp.sum().backward()
+            grads = [p.grad.clone() for p in b.trainable("explainer")]
+            seen = []
+            hook = b._parts()[0].layers[0].self_attn.register_forward_pre_hook(
+                lambda m, a: seen.append(m.config._attn_implementation))
+            text = b.generate(pids[::2], greedy=True, max_new_tokens=4)  # distinct prompts
+            hook.remove()
+        out[name] = (score, lp.detach(), grads, text, set(seen), b.base.config._attn_implementation)
+    (s0, l0, g0, t0, seen0, after0), (s1, l1, g1, t1, seen1, after1) = out["sdpa"], out["eager"]
+    assert torch.allclose(s0, s1, atol=1e-5) and torch.allclose(l0, l1, atol=1e-5)
+    rel = [float((x - y).norm() / x.norm()) for x, y in zip(g0, g1)]
+    assert max(rel) < 1e-4, rel
+    assert t0 == t1 and seen1 == {"sdpa"} and after1 == "eager" and seen0 == {"sdpa"}
+    with pytest.raises(ExpCTRError, match="--attn flash"):
+        llm.LLM("tiny", "float32", attn="flash")
 
 
 def test_shared_prefill_samples_what_separate_prefill_samples():

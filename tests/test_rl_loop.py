@@ -146,6 +146,21 @@ def test_bench_ppo_update_compares_attention_kernels():
     assert rows == ["| all layers, q/v, sdpa attention", "| all layers, q/v, eager attention"], out
 
 
+def test_bench_attention_times_each_forward_with_both_kernels():
+    """scripts/bench_attention.py runs every kind of forward with sdpa and eager on the tiny
+    model: one row each; nothing about speed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_attention.py"
+    out = subprocess.run([sys.executable, str(script), "--model", "tiny", "--dtype", "float32",
+                          "--prompts", "4", "--k", "2", "--new-tokens", "3", "--batch", "2",
+                          "--repeats", "1", "--threads", "1"], capture_output=True, text=True, check=True).stdout
+    rows = [line.split(" | ")[0][2:] for line in out.splitlines() if line.startswith("| ")]
+    assert [r.split()[0] for r in rows] == ["forward", "generate", "generate", "score", "log-probs",
+                                            "PPO"], out
+
+
 def test_llm_has_no_merged_generation_path():
     assert not hasattr(llm.LLM, "merged")
 

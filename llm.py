@@ -61,8 +61,9 @@ def add_model_args(p) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--attn", default="sdpa", choices=list(ATTENTION),
                    help="attention kernel of the forward passes over whole sequences (scoring, "
-                   "log-probs, SFT and PPO updates); generation always runs sdpa. eager was "
-                   "1.10-1.23x faster there on a 2-core CPU in bf16, sdpa faster for generation (README)")
+                   "log-probs, SFT and PPO updates); generation always runs sdpa. On a 2-core CPU "
+                   "in bf16 eager made a PPO update 1.23x faster alone but the planted preset no "
+                   "faster (README)")
 
 
 ATTENTION = ("sdpa", "eager")  # transformers' attention implementations we offer (--attn)
@@ -106,7 +107,8 @@ class LLM(LowerLayers, PrefixReuse):
             raise ExpCTRError(f"--attn {attn}: expected one of {', '.join(ATTENTION)}")
         # [ours] the forwards over whole sequences run `attn`; generate() switches to sdpa. On
         # CPU, SDPA's flash-attention backward was 22.5% of a PPO step and eager's products are
-        # faster there, while SDPA decodes one query faster (README, "the attention kernel")
+        # faster there, while SDPA decodes one query faster (README, "the attention kernel"; in
+        # the planted preset the two balanced out: the default stays sdpa)
         self.attn = attn
         self.base.set_attn_implementation(attn)
         # The last position's hidden state reaches lm_head as a strided [B, 1, H] view. For such an

@@ -69,6 +69,12 @@ def add_model_args(p) -> None:
 ATTENTION = ("sdpa", "eager")  # transformers' attention implementations we offer (--attn)
 
 
+def from_args(model: str, args, world) -> "LLM":
+    """The bundle of the options add_model_args() defined (device and threads of this rank)."""
+    return LLM(model, args.dtype, world.device(args.device), world.threads(args.threads),
+               attn=args.attn)
+
+
 def pick_dtype(name: str, device: str) -> torch.dtype:
     """auto: bf16 on CUDA and on CPUs with fast bf16 kernels (oneDNN's check: AVX-512 BF16 /
     AMX or Arm bf16), else fp32. [ours] On an AVX2-only CPU bf16 is emulated: we measured

@@ -133,17 +133,23 @@ def scorer_loss(answer_logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return -answer_logp.gather(1, idx[:, None]).squeeze(1).mean()
 
 
+def scorer_inputs(prompts: list[str], variants: list[list[str | None]],
+                  targets: list[str] | None) -> tuple[list, list, list]:
+    """The flat scorer inputs of predict_p: input j = prompt j // V under variant j % V (V =
+    len(variants)), as parallel lists of prompts, explanations and targets."""
+    n, targets = len(prompts), targets or [None] * len(prompts)
+    return ([p for p in prompts for _ in variants], [v[i] for i in range(n) for v in variants],
+            [t for t in targets for _ in variants])
+
+
 def predict_p(bundle: llm.LLM, prompts: list[str], variants: list[list[str | None]],
               batch: int, targets: list[str] | None = None) -> np.ndarray:
     """p(click) = exp(log p(Yes)) of each prompt under each variant of explanations ([v][i]:
     variant v's explanation of prompt i, None = no text) -> [n_variants, n]; targets[i] = the
     target as the question names it (common.target_text). One scorer pass (llm.scorer_logprobs):
     all variants of a prompt share its forward."""
-    n, targets = len(prompts), targets or [None] * len(prompts)
-    lp = bundle.scorer_logprobs([p for p in prompts for _ in variants],
-                                [v[i] for i in range(n) for v in variants],
-                                [t for t in targets for _ in variants], batch)
-    return lp[:, 0].exp().numpy().astype(np.float64).reshape(n, len(variants)).T
+    lp = bundle.scorer_logprobs(*scorer_inputs(prompts, variants, targets), batch)
+    return lp[:, 0].exp().numpy().astype(np.float64).reshape(len(prompts), len(variants)).T
 
 
 def predict_p_chunked(world, bundle: llm.LLM, prompts: list[str], variants: list[list[str | None]],
@@ -154,10 +160,7 @@ def predict_p_chunked(world, bundle: llm.LLM, prompts: list[str], variants: list
     inputs which share a forward (one explanation under every permutation that reads it) are
     never split across chunks."""
     n, V = len(prompts), len(variants)
-    targets = targets or [None] * n
-    P = [p for p in prompts for _ in variants]  # input j = prompt j // V, variant j % V
-    E = [v[i] for i in range(n) for v in variants]
-    T = [t for t in targets for _ in variants]
+    P, E, T = scorer_inputs(prompts, variants, targets)
     groups: dict = {}
     for j, key in enumerate(bundle.scorer_groups(P, E)):
         groups.setdefault(key, []).append(j)
@@ -240,8 +243,7 @@ def train(args, paths: RunPaths, model: str, world):
     if args.max_train:
         tr_rows, tr_ex = tr_rows[:args.max_train], tr_ex[:args.max_train]
     common.set_seed(args.seed)
-    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads),
-                     attn=args.attn)
+    bundle = llm.from_args(model, args, world)
     targets = llm.ALL_PROJ if args.lora_targets == "all" else tuple(args.lora_targets.split(","))
     bundle.attach({"scorer": None}, r=args.lora_r, targets=targets, top_layers=args.lora_layers,
                   answer_layer=args.answer_layer, scorer_view=args.scorer_view,
@@ -392,8 +394,7 @@ def predict(args, paths: RunPaths, model: str, world):
         return
     paths.require(paths.scorer / "adapter_config.json", f"python stage1_sft.py --run-dir {paths.root}")
     items, popt = common.load_items(paths), common.prompt_options(paths)
-    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads),
-                     attn=args.attn)
+    bundle = llm.from_args(model, args, world)
     bundle.attach({"scorer": paths.scorer})
     for split in splits:
         tags_s = [t for s, t in todo if s == split]

@@ -273,8 +273,7 @@ def explanations_mode(args, paths: RunPaths, model: str, world):
             raise ExpCTRError(f"{meta_path}: made with --model {meta.get('model')} --encoder "
                               f"{meta.get('encoder')}, not {model} / {args.encoder}; use --force")
     items, popt = common.load_items(paths), common.prompt_options(paths)
-    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads),
-                     attn=args.attn)
+    bundle = llm.from_args(model, args, world)
     adapter = attach_policy(bundle, paths, args.tag)
     embedder = llm.make_embedder(bundle, args.encoder, args.fwd_batch)
     for split in todo:
@@ -381,8 +380,7 @@ def rollout_mode(args, paths: RunPaths, model: str, world):
     pick = iteration_prompts(len(rl), args.prompts_per_iter, k, args.seed)
     samples = [rl[i] for i in pick for _ in range(args.k_samples)]
     groups = [g for g in range(len(pick)) for _ in range(args.k_samples)]
-    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads),
-                     attn=args.attn)
+    bundle = llm.from_args(model, args, world)
     actor = attach_policy(bundle, paths, policy, scorer)
     res = sample_and_score(bundle, actor, samples, items, args, args.seed * SEED_STRIDE + k,
                            f"rollouts iter {k}", popt, world)
@@ -421,8 +419,7 @@ def probe_mode(args, paths: RunPaths, model: str, world):
     scorer, probe = reward_inputs(args, paths, "probe")
     items, popt = common.load_items(paths), common.prompt_options(paths)
     samples = [s for s in probe for _ in range(args.k_samples)]
-    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads),
-                     attn=args.attn)
+    bundle = llm.from_args(model, args, world)
     actor = attach_policy(bundle, paths, tag, scorer)
     # ---- algorithm: the same prompts, K and seed for every policy (like with like) ----
     res = sample_and_score(bundle, actor, samples, items, args, args.seed * SEED_STRIDE,

@@ -185,8 +185,7 @@ def main(argv=None):
     rows = load_rollouts(paths, k, model)
     world = parallel.init(args.device)  # torchrun: each minibatch shared out, gradients averaged
     common.set_seed(args.seed + k)
-    bundle = llm.LLM(model, args.dtype, world.device(args.device), world.threads(args.threads),
-                     attn=args.attn)
+    bundle = llm.from_args(model, args, world)
     targets = llm.ALL_PROJ if args.lora_targets == "all" else tuple(args.lora_targets.split(","))
     bundle.attach({"explainer": llm.policy_folder(paths, common.policy_tag(k - 1))},
                   targets=targets, top_layers=args.lora_layers)  # a saved adapter keeps its own

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import llm  # noqa: E402
+from bench_generation import distinct_samples  # noqa: E402 (this folder is on the path)
 
 
 def main():
@@ -44,10 +45,7 @@ def main():
         for n, prm in b.model.named_parameters():
             if "lora_B" in n:
                 prm.copy_(torch.randn(prm.shape, generator=g) * 1e-2)
-    items = {str(i): {"title": f"Film {i}", "genres": ["Drama", "Comedy", "Horror"][i % 3:]}
-             for i in range(a.prompts + 6)}
-    samples = [{"uid": "1", "iid": str(i), "label": 0, "ts": 0,
-                "hist": [[str(i + 1 + j), (i >> j) & 1] for j in range(6)]} for i in range(a.prompts)]
+    samples, items = distinct_samples(a.prompts)
     texts = [common.build_prompt(s, items) for s in samples]
     pids = [b.explainer_ids(t) for t in texts]
     kp = [x for x in pids[: max(1, a.prompts // a.k)] for _ in range(a.k)]

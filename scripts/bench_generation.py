@@ -62,6 +62,16 @@ def merge_loss(bundle, name) -> tuple[float, float]:
     return unchanged, (err / norm) ** 0.5
 
 
+def distinct_samples(n: int) -> tuple[list[dict], dict]:
+    """n samples whose prompts all differ (target i, history i+1..i+6 with varied signs) and their
+    items: the explanation step's case, where no two prompts share a prefill."""
+    items = {str(i): {"title": f"Film {i}", "genres": ["Drama", "Comedy", "Horror"][i % 3:]}
+             for i in range(n + 6)}
+    samples = [{"uid": "1", "iid": str(i), "label": 0, "ts": 0,
+                "hist": [[str(i + 1 + j), (i >> j) & 1] for j in range(6)]} for i in range(n)]
+    return samples, items
+
+
 def time_lm_head(a) -> None:
     """Greedy generation of distinct prompts with and without the lm_head hook; the product alone."""
     print(f"| dtype | batch | lm_head input | product alone, ms | {a.prompts} prompts x "
@@ -71,12 +81,8 @@ def time_lm_head(a) -> None:
         b.attach({"explainer": None})
         head = b.base.get_output_embeddings()
         b.lm_head_hook.remove()  # each run below registers it or not
-        items = {str(i): {"title": f"Film {i}", "genres": ["Drama", "Comedy", "Horror"][i % 3:]}
-                 for i in range(a.prompts + 6)}
-        prompts = [b.explainer_ids(common.build_prompt(  # all distinct: target i, history i+1..i+6
-            {"uid": "1", "iid": str(i), "label": 0, "ts": 0,
-             "hist": [[str(i + 1 + j), (i >> j) & 1] for j in range(6)]}, items))
-            for i in range(a.prompts)]
+        samples, items = distinct_samples(a.prompts)
+        prompts = [b.explainer_ids(common.build_prompt(s, items)) for s in samples]
         assert len({tuple(x) for x in prompts}) == len(prompts)  # (copies would share a prefill)
         for B in [int(x) for x in a.batches.split(",")]:
             times = {"contiguous (hook)": [], "strided view (no hook)": []}

@@ -75,8 +75,7 @@ def main():
                 for name, n, targets in lora for attn in attns]
     bundles = []
     for _, n, targets, attn in variants:
-        b = llm.LLM(a.model, a.dtype)
-        b.base.set_attn_implementation(attn)
+        b = llm.LLM(a.model, a.dtype, attn=attn)
         b.attach({"explainer": None}, targets=targets, top_layers=n)
         b.model.eval()
         bundles.append(b)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import explanation_quality as eq  # noqa: E402
 import llm  # noqa: E402
+import parallel  # noqa: E402
 from common import ExpCTRError  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def main(argv=None) -> dict:
     if not idx:
         raise ExpCTRError(f"{paths.root} {a.split}: no target with a cause and >= 2 genres")
     targets = [samples[i] for i in idx]  # cause_choice scores these, keyed 0..n-1
-    bundle = llm.LLM(llm.run_model(paths, a.model), a.dtype, None, a.threads)
+    bundle = llm.from_args(llm.run_model(paths, a.model), a, parallel.World())  # one process
     ca = types.SimpleNamespace(min_title_chars=eq.MIN_TITLE_CHARS, min_ground_chars=eq.MIN_GROUND_CHARS,
                                n_boot=a.n_boot, seed=a.seed)
     out = {}

@@ -186,13 +186,14 @@ def generate(bundle, adapter, prompt_ids, args, greedy):
     return comps if greedy else (comps, lps)
 
 
-def sample_and_score(bundle, actor, samples, items, args, seed, desc, popt, world):
+def sample_and_score(bundle, actor, samples, items, args, seed, desc, popt, world, logps=True):
     """K samples per prompt from `actor` (None = base), their rewards and log-probs; one dict of
     per-sample lists. The rows (K copies of a prompt next to each other) run in chunks of
     --gen-batch: sampled with the chunk's seed, then scored, all within the chunk (the same
     batches whatever the number of processes). `behaviour_gap` = max |log-prob as generation
     computed it - logp_old|: the sampling policy and the stored one are the same distribution
-    up to float rounding."""
+    up to float rounding. logps=False skips the two log-prob passes (logp_old, logp_ref and
+    behaviour_gap are then None): the base policy's probe, whose KL to itself is 0 by definition."""
     prompts = [common.build_prompt(s, items, **popt) for s in samples]
     prompt_ids = [bundle.explainer_ids(p) for p in prompts]
     targets = [common.target_text(s, items) for s in samples]
@@ -213,16 +214,19 @@ def sample_and_score(bundle, actor, samples, items, args, seed, desc, popt, worl
         t.append(time.time())
         r_ic = ic_reward(args.aug, [samples[i] for i in idx], embedder(expls)) if args.aug else None
         t.append(time.time())
-        logp_old = token_logprobs(bundle, actor, pids, comps, args.fwd_batch, args.temperature)
+        logp_old = logp_ref = None
+        if logps:
+            logp_old = token_logprobs(bundle, actor, pids, comps, args.fwd_batch, args.temperature)
         t.append(time.time())
-        logp_ref = logp_old if actor is None else token_logprobs(
-            bundle, None, pids, comps, args.fwd_batch, args.temperature)
+        if logps:
+            logp_ref = logp_old if actor is None else token_logprobs(
+                bundle, None, pids, comps, args.fwd_batch, args.temperature)
         t.append(time.time())
         gaps = [float((g - torch.tensor(o)).abs().max())
-                for g, o in zip(gen_lp, logp_old) if len(o)]
+                for g, o in zip(gen_lp, logp_old or []) if len(o)]
         return {"comps": comps, "expls": expls, "r_lc": r_lc.tolist(),
                 "r_ic": None if r_ic is None else r_ic.tolist(), "logp_old": logp_old,
-                "logp_ref": logp_ref, "gap": max(gaps, default=0.0),
+                "logp_ref": logp_ref, "gap": max(gaps, default=0.0) if logps else None,
                 "timings": np.diff(t).tolist()}
 
     t0 = time.time()
@@ -235,11 +239,12 @@ def sample_and_score(bundle, actor, samples, items, args, seed, desc, popt, worl
     r_ic = None if args.aug is None else np.asarray(cat("r_ic"), np.float64)
     return {"prompts": prompts, "prompt_ids": prompt_ids, "comps": cat("comps"),
             "expls": cat("expls"), "r_lc": r_lc, "r_ic": r_ic,
-            "reward": total_reward(r_lc, r_ic, args.lambda_ic), "logp_old": cat("logp_old"),
-            "logp_ref": cat("logp_ref"), "gen_s": float(secs[0]), "score_s": float(secs[1:].sum()),
+            "reward": total_reward(r_lc, r_ic, args.lambda_ic),
+            "logp_old": cat("logp_old") if logps else None,
+            "logp_ref": cat("logp_ref") if logps else None, "gen_s": float(secs[0]), "score_s": float(secs[1:].sum()),
             "wall_s": time.time() - t0,
             "timings": dict(zip(("generate", "r_lc", "r_ic", "logp_old", "logp_ref"), secs.tolist())),
-            "behaviour_gap": max(r["gap"] for r in res)}
+            "behaviour_gap": max(r["gap"] for r in res) if logps else None}
 
 
 # ---- plumbing: the three modes -----------------------------------------------------------
@@ -422,12 +427,14 @@ def probe_mode(args, paths: RunPaths, model: str, world):
     bundle = llm.from_args(model, args, world)
     actor = attach_policy(bundle, paths, tag, scorer)
     # ---- algorithm: the same prompts, K and seed for every policy (like with like) ----
+    # the base policy is the reference: its KL is 0 and its log-prob passes are skipped [ours]
     res = sample_and_score(bundle, actor, samples, items, args, args.seed * SEED_STRIDE,
-                           f"probe {tag}", popt, world)
+                           f"probe {tag}", popt, world, logps=actor is not None)
     if not world.main:  # torchrun: rank 0 writes
         return
-    kl = [float(np.sum(np.subtract(o, r), dtype=np.float64)) for o, r in
-          zip(res["logp_old"], res["logp_ref"])]
+    kl = [0.0] * len(samples) if actor is None else [
+        float(np.sum(np.subtract(o, r), dtype=np.float64))
+        for o, r in zip(res["logp_old"], res["logp_ref"])]
     common.write_jsonl(out, (
         {"uid": s["uid"], "iid": s["iid"], "label": s["label"], "group": i // args.k_samples,
          "explanation": res["expls"][i], "n_tokens": len(res["comps"][i]),

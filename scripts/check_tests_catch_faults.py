@@ -58,6 +58,8 @@ FAULTS = [
  ("probe_seed_per_tag", "stage2_reward.py", "res = sample_and_score(bundle, actor, samples, items, args, args.seed * SEED_STRIDE,",
   "res = sample_and_score(bundle, actor, samples, items, args, args.seed * SEED_STRIDE + len(tag),",
   "tests/test_rl_loop.py::test_probe_same_prompts_for_every_policy_and_a_curve_with_cis"),
+ ("base_probe_logps", "stage2_reward.py", "popt, world, logps=actor is not None)", "popt, world)",
+  "tests/test_rl_loop.py::test_base_probe_skips_the_log_prob_passes"),
  ("k3_reversed", "stage3_rl.py", "    d = logp_ref - logp\n", "    d = logp - logp_ref\n", "tests/test_rl_loop.py::test_k3_kl_hand_computed_direction"),
  ("padding_not_masked", "stage3_rl.py", "    logp = torch.where(keep, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))\n    logp_old = torch.where(keep, logp_old, logp.detach())\n    logp_ref = torch.where(keep, logp_ref, logp.detach())\n", "",
   "tests/test_rl_loop.py::test_ppo_loss_ignores_whatever_padded_slots_hold"),

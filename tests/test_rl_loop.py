@@ -273,6 +273,23 @@ def test_probe_same_prompts_for_every_policy_and_a_curve_with_cis(tiny_run, tmp_
     assert const["r_lc"] == pytest.approx(np.mean(y * math.log(prior) + (1 - y) * math.log(1 - prior)))
 
 
+
+def test_base_probe_skips_the_log_prob_passes(tiny_run, tmp_path, monkeypatch):
+    """The base policy is the reference: its probe writes KL 0 without a log-prob pass (the
+    passes cost a third of a probe); a trained policy's probe runs both (policy, reference)."""
+    d = copy_run(tiny_run, tmp_path / "r")
+    calls = []
+    real = stage2_reward.token_logprobs
+    monkeypatch.setattr(stage2_reward, "token_logprobs",
+                        lambda bundle, adapter, *a: calls.append(adapter) or real(bundle, adapter, *a))
+    stage2_reward.main(["--run-dir", str(d), "--probe", "base", *ROLL])
+    assert calls == [] and all(r["kl_ref"] == 0 for r in common.read_jsonl(RunPaths(d).probe("base")))
+    stage2_reward.main(["--run-dir", str(d), "--iter", "1", *ROLL])
+    stage3_rl.main(["--run-dir", str(d), "--iter", "1", *PPO, "--lr", "0.05"])
+    calls.clear()
+    stage2_reward.main(["--run-dir", str(d), "--probe", "iter_1", *ROLL])
+    assert "explainer" in calls and None in calls
+
 # ---- 5. PPO pieces that fail when wrong ----------------------------------------------------------
 def test_k3_kl_hand_computed_direction():
     """KL(pi || ref) estimated on samples of pi, k3 = r - log r - 1 with r = pi_ref / pi:

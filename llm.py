@@ -97,6 +97,8 @@ class LLM(LowerLayers, PrefixReuse):
     def __init__(self, name: str, dtype: str = "auto", device: str | None = None, threads: int = 2,
                  attn: str = "sdpa"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        if attn not in ATTENTION:  # before the model loads
+            raise ExpCTRError(f"--attn {attn}: expected one of {', '.join(ATTENTION)}")
         if threads:
             torch.set_num_threads(threads)
         self.name = name
@@ -109,8 +111,6 @@ class LLM(LowerLayers, PrefixReuse):
         except OSError as e:
             raise ExpCTRError(f"--model {name}: cannot load ({str(e).splitlines()[0]})") from None
         self.base.to(self.device).eval()
-        if attn not in ATTENTION:
-            raise ExpCTRError(f"--attn {attn}: expected one of {', '.join(ATTENTION)}")
         # [ours] the forwards over whole sequences run `attn`; generate() switches to sdpa. On
         # CPU, SDPA's flash-attention backward was 22.5% of a PPO step and eager's products are
         # faster there, while SDPA decodes one query faster (README, "the attention kernel"; in

@@ -146,8 +146,8 @@ def predict_p(bundle: llm.LLM, prompts: list[str], variants: list[list[str | Non
               batch: int, targets: list[str] | None = None) -> np.ndarray:
     """p(click) = exp(log p(Yes)) of each prompt under each variant of explanations ([v][i]:
     variant v's explanation of prompt i, None = no text) -> [n_variants, n]; targets[i] = the
-    target as the question names it (common.target_text). One scorer pass (llm.scorer_logprobs):
-    all variants of a prompt share its forward."""
+    target as the question names it (common.target_text). One scorer pass (llm.scorer_logprobs)
+    over all inputs at once: the reference the stages' predict_p_chunked is tested against."""
     lp = bundle.scorer_logprobs(*scorer_inputs(prompts, variants, targets), batch)
     return lp[:, 0].exp().numpy().astype(np.float64).reshape(len(prompts), len(variants)).T
 

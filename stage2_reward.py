@@ -222,11 +222,12 @@ def sample_and_score(bundle, actor, samples, items, args, seed, desc, popt, worl
             logp_ref = logp_old if actor is None else token_logprobs(
                 bundle, None, pids, comps, args.fwd_batch, args.temperature)
         t.append(time.time())
-        gaps = [float((g - torch.tensor(o)).abs().max())
-                for g, o in zip(gen_lp, logp_old or []) if len(o)]
+        gap = None if logp_old is None else max(
+            (float((g - torch.tensor(o)).abs().max()) for g, o in zip(gen_lp, logp_old) if len(o)),
+            default=0.0)
         return {"comps": comps, "expls": expls, "r_lc": r_lc.tolist(),
                 "r_ic": None if r_ic is None else r_ic.tolist(), "logp_old": logp_old,
-                "logp_ref": logp_ref, "gap": max(gaps, default=0.0) if logps else None,
+                "logp_ref": logp_ref, "gap": gap,
                 "timings": np.diff(t).tolist()}
 
     t0 = time.time()

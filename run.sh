@@ -12,7 +12,8 @@
 #   smoke  tiny random model, synthetic world, a few samples; every step in ~1-2 min -> DIR/smoke/
 #   quick  (default) ID-CTR benchmark on FULL MovieLens-100K -> DIR/ml100k-ctr/ (popularity,
 #          logreg, deepfm, dcnv2, din), then the LLM pipeline with SmolLM2-135M-Instruct on a seeded
-#          MovieLens-100K subset -> DIR/quick/; ~109 min on a 2-core AVX2 CPU (fp32)
+#          MovieLens-100K subset -> DIR/quick/; ~34 min on a 2-core AVX-512 BF16 CPU (bf16;
+#          109 on a 2-core AVX2 CPU in fp32)
 #   planted  the mechanism on the synthetic planted world (known click causes): ID-CTR models on
 #          its full data -> DIR/planted-ctr/, the LLM pipeline on subsets -> DIR/planted/
 #          (docs/results-planted.md is one such run)

@@ -449,7 +449,7 @@ class LLM(LowerLayers, PrefixReuse):
         cache = self._shared_prefill(prompts)
         # sampling: greedy decoding over the scores of InverseCDFSampler, which draws the token
         sampler = None if greedy else InverseCDFSampler(temperature, keep_scores=return_logprobs)
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens,
+        cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
                                pad_token_id=self.tok.pad_token_id, eos_token_id=self.eos_id,
                                suppress_tokens=self.suppress,
                                output_scores=return_logprobs and greedy, return_dict_in_generate=True)
@@ -503,7 +503,7 @@ class InverseCDFSampler:
     greedy decoding emits it. The same distribution as do_sample's torch.multinomial, other
     draws: on CPU multinomial draws one exponential per vocabulary entry, 36-45 ms of each
     decoding step of 32 rows x 49,152 (README, "Making an iteration affordable"); this takes
-    ~1-2 ms. keep_scores: the tempered scores of every step (what do_sample's output_scores
+    a few ms. keep_scores: the tempered scores of every step (what do_sample's output_scores
     held), for the log-probs of the sampled tokens."""
 
     def __init__(self, temperature: float, keep_scores: bool = False):
@@ -515,8 +515,12 @@ class InverseCDFSampler:
         s = scores.float() / self.temperature
         if self.keep:
             self.scores.append(s)
-        cdf = torch.softmax(s, -1).cumsum_(-1)
-        u = torch.rand((s.shape[0], 1), device=s.device) * cdf[:, -1:]
+        # float64: a float32 cumulative sum near 1 (and a 24-bit uniform) could not draw a token
+        # of probability below ~6e-8 at its own rate
+        cdf = torch.softmax(s.double(), -1).cumsum_(-1)
+        if not torch.isfinite(cdf[:, -1]).all():
+            raise ExpCTRError("sampling: the scores of a row are NaN or all -inf (a bf16 overflow?)")
+        u = torch.rand((s.shape[0], 1), dtype=torch.float64, device=s.device) * cdf[:, -1:]
         tok = torch.searchsorted(cdf, u, right=True).clamp_(max=s.shape[1] - 1)
         return torch.full_like(s, -float("inf")).scatter_(1, tok, 0.0)
 

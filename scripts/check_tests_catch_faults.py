@@ -52,6 +52,8 @@ FAULTS = [
   "tests/test_rl_loop.py::test_inverse_cdf_sampler_draws_softmax_of_the_tempered_scores tests/test_rl_loop.py::test_sampled_token_frequencies_match_stored_logprobs"),
  ("sampler_cdf_off_by_one", "llm.py", "tok = torch.searchsorted(cdf, u, right=True).clamp_(max=s.shape[1] - 1)", "tok = (torch.searchsorted(cdf, u, right=True) + 1).clamp_(max=s.shape[1] - 1)",
   "tests/test_rl_loop.py::test_inverse_cdf_sampler_draws_softmax_of_the_tempered_scores tests/test_rl_loop.py::test_sampled_token_frequencies_match_stored_logprobs"),
+ ("sampler_float32_cdf", "llm.py", "cdf = torch.softmax(s.double(), -1).cumsum_(-1)", "cdf = torch.softmax(s, -1).cumsum_(-1)",
+  "tests/test_rl_loop.py::test_inverse_cdf_sampler_draws_softmax_of_the_tempered_scores"),
  ("lora_dropout_not_swapped", "llm.py", "                    m.lora_dropout[k] = ctr_ops.Dropout(d.p)", "                    pass",
   "tests/test_rl_loop.py::test_lora_dropouts_are_the_counter_based_dropout"),
  ("logp_rounded", "stage2_reward.py", "    return [x.tolist() for x in lps]", "    return [[round(v, 6) for v in x.tolist()] for x in lps]",

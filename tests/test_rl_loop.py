@@ -4,6 +4,7 @@ computed on prompts no reward model trained on, the learning curve compares like
 the PPO pieces fail when their math is wrong. Tiny random model, synthetic data, CPU."""
 import argparse
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -233,6 +234,22 @@ def test_inverse_cdf_sampler_draws_softmax_of_the_tempered_scores():
     assert llm.InverseCDFSampler(T).scores == []  # keep_scores off: nothing kept
     with pytest.raises(common.ExpCTRError, match="temperature"):
         llm.InverseCDFSampler(0.0)
+    with pytest.raises(common.ExpCTRError, match="NaN"):
+        llm.InverseCDFSampler(1.0)(None, torch.tensor([[0.0, float("nan")]]))
+    # resolution: 4,000 tokens of probability 2.5e-8 each after one that holds the rest, below
+    # half a float32 step of the cumulative sum near 1; a uniform at the middle of token k's
+    # interval must draw token k
+    row = torch.tensor([[0.0] + [math.log(2.5e-8)] * 4000])
+    cdf = torch.softmax(row[0].double(), 0).cumsum(0)
+    ks = [1, 2, 1000, 4000]
+    mid = torch.tensor([[(cdf[k - 1] + cdf[k]).item() / 2] for k in ks], dtype=torch.float64)
+    real_rand = torch.rand
+    torch.rand = lambda shape, dtype=None, device=None: mid.to(dtype or torch.float32)
+    try:
+        got = llm.InverseCDFSampler(1.0)(None, row.repeat(len(ks), 1)).argmax(1).tolist()
+    finally:
+        torch.rand = real_rand
+    assert got == ks, got
 
 
 def test_lora_dropouts_are_the_counter_based_dropout():
@@ -548,7 +565,11 @@ def test_ppo_with_top_layer_lora_is_the_full_forward_update(tiny_run, tmp_path, 
         d = copy_run(tiny_run, tmp_path / path)
         P = RunPaths(d)
         for k in (1, 2):
-            stage2_reward.main(["--run-dir", str(d), "--iter", str(k), *ROLL])
+            if path == "full" and k == 2:  # the same rollouts as the cached path: its iteration
+                # 1 policy differs from this one by float rounding, enough to draw another token
+                shutil.copy(RunPaths(tmp_path / "cached").rollouts(2), P.rollouts(2))
+            else:
+                stage2_reward.main(["--run-dir", str(d), "--iter", str(k), *ROLL])
             stage3_rl.main(["--run-dir", str(d), "--iter", str(k), *PPO, "--lr", "0.01",
                             "--lora-layers", "1", "--lora-targets", "all"])
         out[path] = load_file(P.policy(2) / "adapter_model.safetensors")
@@ -559,7 +580,9 @@ def test_ppo_with_top_layer_lora_is_the_full_forward_update(tiny_run, tmp_path, 
         assert [r["lora_top_layers"] for r in rows] == ([1, 1] if path == "cached" else [0, 0])
     assert out["cached"].keys() == out["full"].keys()
     assert all(f".layers.{n_layers - 1}." in k for k in out["cached"])
-    moved = max((out["cached"][k] - out["full"][k]).abs().max().item() for k in out["cached"])
-    # float rounding, grown through two Adam steps (Adam divides small gradients by their own
-    # size): 1.2e-5 with the rollouts of llm.InverseCDFSampler, under 1e-5 with multinomial's
-    assert moved < 3e-5, moved
+    # equal up to float rounding, as Adam passes it on: a coordinate whose gradient is ~0 can move
+    # by up to lr on rounding alone (its step is g / sqrt(v)), so the two updates are compared
+    # as wholes; lora_B starts at 0, so its values are the update
+    diff = sum(float((out["cached"][k] - out["full"][k]).square().sum()) for k in out["cached"]) ** 0.5
+    update = sum(float(v.square().sum()) for k, v in out["full"].items() if "lora_B" in k) ** 0.5
+    assert diff < 1e-3 * update, (diff, update)

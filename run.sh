@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # ExpCTR end to end: data -> ID-CTR models -> scorer -> PPO (LC) -> ExpCTR-Aug -> PPO (IC) -> eval.
 #
-#   ./run.sh [--preset smoke|quick|planted|planted-cause|planted12|paper] [--runs-dir DIR] [--rounds N] [--nproc N]
+#   ./run.sh [--preset smoke|quick|planted|planted-cause|planted12|paper] [--runs-dir DIR] [--rounds N] [--nproc N] [--seed N]
+#
+# --seed N: the seed of the LLM training draw (stage1_sft, stage2_reward, stage3_rl: the scorer's
+# LoRA init, dropout masks and sample order, the rollout prompts' order, every sampled token, PPO's
+# fresh LoRA and minibatch order); default 0. The world, its subsets and the ID-CTR models keep
+# seed 0, and evaluate.py's bootstrap too, so two seeds are two replicates of the same training on
+# the same data, compared on the same test samples [ours].
 #
 # --nproc N: the training stages (train_ctr, stage1_sft, stage2_reward, stage3_rl) run as
 # `torchrun --standalone --nproc-per-node N` (parallel.py: data-parallel training, chunked
@@ -51,19 +57,21 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PRESET=quick; RUNS_DIR=runs; ROUNDS=1; NPROC=1
+PRESET=quick; RUNS_DIR=runs; ROUNDS=1; NPROC=1; SEED=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET="$2"; shift 2 ;;
     --runs-dir) RUNS_DIR="$2"; shift 2 ;;
     --rounds) ROUNDS="$2"; shift 2 ;;
     --nproc) NPROC="$2"; shift 2 ;;
+    --seed) SEED="$2"; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see ./run.sh --help)" >&2; exit 2 ;;
   esac
 done
 source scripts/ensure_venv.sh   # sets $PY and PYTHONPATH
 case "$NPROC" in ''|*[!0-9]*|0) echo "error: --nproc $NPROC: expected a whole number >= 1" >&2; exit 2 ;; esac
+case "$SEED" in ''|*[!0-9]*) echo "error: --seed $SEED: expected a whole number >= 0" >&2; exit 2 ;; esac
 if [ "$NPROC" = 1 ]; then TR=("$PY"); else  # the training stages under torchrun (parallel.py)
   TR=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC")
 fi
@@ -124,9 +132,16 @@ fi
 
 # ---- 1-3. data, ID backbone, base explanations, scorer -----------------------------------------
 mkdir -p "$R"
+if [ -f "$R/run.json" ]; then  # resuming: every finished step is skipped, so the seed must match
+  OLD_SEED=$("$PY" -c 'import common, sys; print(common.read_json(sys.argv[1]).get("seed", 0))' "$R/run.json")
+  if [ "$OLD_SEED" != "$SEED" ]; then
+    echo "error: --seed $SEED: $R/run.json was run with seed $OLD_SEED (its finished steps would be kept); use another --runs-dir" >&2
+    exit 2
+  fi
+fi
 cp "presets/$PRESET.toml" "$R/preset.toml"   # the settings this run used, beside its outputs
-run_json preset="$PRESET" model="$MODEL" n1="$N1" n3="$N3" rounds="$ROUNDS" lambda_ic="$LAMBDA"
-A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}")
+run_json preset="$PRESET" model="$MODEL" n1="$N1" n3="$N3" rounds="$ROUNDS" lambda_ic="$LAMBDA" seed="$SEED"
+A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}" --seed "$SEED")   # the LLM stages' options
 step "data_prep" "$PY" data_prep.py --run-dir "$R" "${DATA[@]}"
 for m in "${CTR_MODELS[@]}"; do
   if [ "$ID_BENCH" = 1 ]; then  # score the full-data model on this run's splits, no training

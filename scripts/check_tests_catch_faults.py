@@ -16,6 +16,10 @@ from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parents[1])
 FAULTS = [
+ ("run_sh_seed_dropped", "run.sh", 'A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}" --seed "$SEED")', 'A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}")',
+  "tests/test_presets.py::test_run_sh_seed_reaches_every_llm_stage_and_guards_a_resumed_folder"),
+ ("run_sh_seed_resume_unguarded", "run.sh", '  if [ "$OLD_SEED" != "$SEED" ]; then', '  if false; then',
+  "tests/test_presets.py::test_run_sh_seed_reaches_every_llm_stage_and_guards_a_resumed_folder"),
  ("probes_unpaired", "scripts/compare_probes.py", "    boot = {k: v[0][resample].mean(1) for k, v in files.items()}",
   "    boot = {k: v[0][np.random.default_rng(len(k)).integers(0, len(A), size=(a.n_boot, len(A)))].mean(1) for k, v in files.items()}",
   "tests/test_evaluate.py::test_compare_probes_pairs_two_policies_as_the_probe_curve_does"),

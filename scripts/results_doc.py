@@ -79,7 +79,7 @@ def main():
          f"reading). Machine: **{machine()}**. Sum of the steps' wall times: **{total:.0f} s "
          f"({total / 60:.1f} min)**. Settings: `run.sh` preset `{info['preset']}`, model "
          f"`{info['model']}`, {info['n1']} LC + {info['n3']} IC PPO iterations, lambda_IC "
-         f"{info['lambda_ic']}, final policy `{info.get('final_tag')}`.", ""]
+         f"{info['lambda_ic']}, LLM seed {info.get('seed', 0)}, final policy `{info.get('final_tag')}`.", ""]
     if a.reading:
         L += ["## Our reading", "", Path(a.reading).read_text().strip(), ""]
     if (R / "preset.toml").exists():  # run.sh copies the preset file into the run folder

@@ -83,6 +83,32 @@ def test_run_sh_nproc_launches_the_training_stages_under_torchrun(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_run_sh_seed_reaches_every_llm_stage_and_guards_a_resumed_folder(tmp_path):
+    """--seed N is the LLM training draw: every stage1_sft/stage2_reward/stage3_rl call gets it
+    (through A), nothing else does; a bad N, or resuming a folder run with another seed (whose
+    finished steps would be kept), is a one-line error before any work."""
+    text = (ROOT / "run.sh").read_text()
+    assert 'A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}" --seed "$SEED")' in text
+    for script in ("stage1_sft", "stage2_reward", "stage3_rl"):
+        calls = [l for l in text.splitlines() if f" {script}.py " in l and not l.startswith("#")]
+        assert calls and all(f'{script}.py "${{A[@]}}"' in l for l in calls), (script, calls)
+    assert [l for l in text.splitlines() if "--seed" in l and not l.startswith("#")
+            and "SEED=" not in l and "--seed)" not in l] == [  # no other step gets a seed
+        'case "$SEED" in \'\'|*[!0-9]*) echo "error: --seed $SEED: expected a whole number >= 0" >&2; exit 2 ;; esac',
+        '    echo "error: --seed $SEED: $R/run.json was run with seed $OLD_SEED (its finished steps would be kept); use another --runs-dir" >&2',
+        'A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}" --seed "$SEED")   # the LLM stages\' options']
+    run = lambda *a: subprocess.run(["bash", str(ROOT / "run.sh"), "--preset", "smoke",
+                                     "--runs-dir", str(tmp_path), *a], capture_output=True, text=True)
+    r = run("--seed", "-1")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --seed -1: expected a whole number >= 0"
+    assert not any(tmp_path.iterdir())
+    (tmp_path / "smoke").mkdir()
+    (tmp_path / "smoke" / "run.json").write_text('{"preset": "smoke", "seed": 0}')
+    r = run("--seed", "1")
+    assert r.returncode == 2 and "run.json was run with seed 0" in r.stderr, r.stderr
+    assert sorted(p.name for p in (tmp_path / "smoke").iterdir()) == ["run.json"]
+
+
 def test_run_sh_help_names_every_preset_and_the_whole_schedule():
     """./run.sh --help is the header comment up to the code: each presets/*.toml (but the GPU
     check's) is listed in the usage line and described, and the schedule's last step is there."""

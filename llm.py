@@ -221,10 +221,7 @@ class LLM(LowerLayers, PrefixReuse):
                 common.build_scorer_prompt("x", None, view=self.scorer_view)  # checks the name
             if src is not None and (Path(src) / ANSWER_HEAD_FILE).exists():
                 self.add_answer_head(name, src)
-        for m in self.model.modules():  # [ours] the LoRA dropouts draw their masks by ctr_ops
-            for k, d in getattr(m, "lora_dropout", {}).items():
-                if type(d) is torch.nn.Dropout:
-                    m.lora_dropout[k] = ctr_ops.Dropout(d.p)
+        set_lora_dropouts(self.model)  # [ours] the LoRA dropouts draw their masks by ctr_ops
         self.model.to(self.device).eval()
         return self.model
 
@@ -436,20 +433,21 @@ class LLM(LowerLayers, PrefixReuse):
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], *, greedy: bool, temperature: float = 1.0,
-                 max_new_tokens: int = 32, return_logprobs: bool = False):
+                 max_new_tokens: int = 32, min_new_tokens: int = 0, return_logprobs: bool = False):
         """Batched, left-padded generation with the active adapter, **unmerged**: the same
         modules, weights and dtype as the forward pass of completion_logprobs() and PPO (a LoRA
         merged into bf16 weights loses most of its update to rounding). Sampling draws from
         softmax((logits + policy_bias) / temperature) (no top-k/top-p truncation: PPO needs the
         log-probs of the distribution that sampled). Completions are cut after EOS (EOS kept, so
         the policy learns to stop). return_logprobs: also the per-token log-probs of the sampled
-        tokens as generation computed them (KV-cached), for checks against completion_logprobs."""
+        tokens as generation computed them (KV-cached), for checks against completion_logprobs.
+        min_new_tokens: EOS is suppressed until then (benchmarks that need equal work per row)."""
         from transformers import GenerationConfig, LogitsProcessorList
         ids, mask = self.pad_left(prompts)
         cache = self._shared_prefill(prompts)
         # sampling: greedy decoding over the scores of InverseCDFSampler, which draws the token
         sampler = None if greedy else InverseCDFSampler(temperature, keep_scores=return_logprobs)
-        cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
+        cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                pad_token_id=self.tok.pad_token_id, eos_token_id=self.eos_id,
                                suppress_tokens=self.suppress,
                                output_scores=return_logprobs and greedy, return_dict_in_generate=True)
@@ -494,6 +492,21 @@ class LLM(LowerLayers, PrefixReuse):
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True).strip()
+
+
+def set_lora_dropouts(model: torch.nn.Module, cls: type = None) -> int:
+    """[ours] Make every LoRA input dropout of `model` (peft's `lora_dropout` dicts) a `cls` of the
+    same p: by default ctr_ops.Dropout, whose counter-based masks cost a fraction of torch's CPU
+    bernoulli_ (README, "Making an iteration affordable"); torch.nn.Dropout gives peft's back.
+    peft's nn.Identity (p = 0) and dropouts already of `cls` stay. Returns how many were set."""
+    cls = cls or ctr_ops.Dropout
+    n = 0
+    for m in model.modules():
+        for k, d in getattr(m, "lora_dropout", {}).items():
+            if isinstance(d, torch.nn.Dropout) and type(d) is not cls:
+                m.lora_dropout[k] = cls(d.p)
+                n += 1
+    return n
 
 
 class InverseCDFSampler:

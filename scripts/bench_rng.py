@@ -32,29 +32,20 @@ import stage1_sft  # noqa: E402
 
 
 def sample_chunk(b, prompts, n_new, sampler: str):
-    """One sampled chunk through transformers' generate, as llm.LLM.generate runs it."""
-    from transformers import GenerationConfig, LogitsProcessorList
+    """One sampled chunk, both forced to n_new tokens. inverse-cdf: llm.LLM.generate itself (the
+    rollouts' path); multinomial: the same call to transformers' generate with do_sample."""
+    if sampler == "inverse-cdf":
+        return max(map(len, b.generate(prompts, greedy=False, max_new_tokens=n_new, min_new_tokens=n_new)))
+    from transformers import GenerationConfig
     ids, mask = b.pad_left(prompts)
     cache = b._shared_prefill(prompts)
-    kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=b.tok.pad_token_id,
-                  eos_token_id=b.eos_id, suppress_tokens=b.suppress, return_dict_in_generate=True)
-    if sampler == "multinomial":
-        cfg, procs = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                      output_scores=True, **kw), []
-    else:
-        cfg, procs = GenerationConfig(do_sample=False, **kw), [llm.InverseCDFSampler(1.0, keep_scores=True)]
+    cfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=n_new,
+                           min_new_tokens=n_new, pad_token_id=b.tok.pad_token_id, eos_token_id=b.eos_id,
+                           suppress_tokens=b.suppress, return_dict_in_generate=True)
     with b.attention("sdpa"):
         out = b.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg,
-                               logits_processor=LogitsProcessorList(procs),
                                **({"cache": cache} if cache is not None else {}))
     return out.sequences.shape[1] - ids.shape[1]
-
-
-def set_dropouts(b, fast: bool):
-    for m in b.model.modules():
-        for k, d in getattr(m, "lora_dropout", {}).items():
-            if isinstance(d, torch.nn.Dropout):
-                m.lora_dropout[k] = (ctr_ops.Dropout if fast else torch.nn.Dropout)(d.p)
 
 
 def main():
@@ -109,7 +100,7 @@ def main():
         b.model.train()
         for r in range(a.repeats + 1):
             for k in times:
-                set_dropouts(b, fast=k.startswith("ctr_ops"))
+                llm.set_lora_dropouts(b.model, ctr_ops.Dropout if k.startswith("ctr_ops") else torch.nn.Dropout)
                 t0 = time.perf_counter()
                 stage1_sft.scorer_loss(b.upper_answer_logprobs(states, a.lora_layers), labels).backward()
                 for q in params:

@@ -272,6 +272,33 @@ def test_lora_dropouts_are_the_counter_based_dropout():
     torch.manual_seed(0)
     assert torch.equal(d(x), y)
     assert torch.equal(d.eval()(x), x)
+    # set_lora_dropouts (what attach calls, and scripts/bench_rng.py's switch): torch's and back
+    assert llm.set_lora_dropouts(b.model, torch.nn.Dropout) == len(drops)
+    back = [d for m in b.model.modules() for d in getattr(m, "lora_dropout", {}).values()]
+    assert all(type(d) is torch.nn.Dropout and d.p == 0.3 for d in back)
+    assert llm.set_lora_dropouts(b.model) == len(drops) and llm.set_lora_dropouts(b.model) == 0
+    b0 = llm.LLM("tiny", "float32")
+    b0.attach({"scorer": None}, lora_dropout=0.0)  # peft's nn.Identity stays
+    assert llm.set_lora_dropouts(b0.model) == 0
+
+
+def test_generate_min_new_tokens_holds_eos_back():
+    """min_new_tokens = N: no row ends before N new tokens, greedy or sampled (the benchmark's
+    equal work), where without it an EOS-favouring model stops every row at once."""
+    b = llm.LLM("tiny", "float32")
+    b.attach({"explainer": None})
+    bias = torch.zeros(b.base.config.vocab_size)
+    bias[b.eos_id] = 1e4
+    hook = b.base.lm_head.register_forward_hook(lambda m, i, o: o + bias)
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    try:
+        with b.use("explainer"):
+            for greedy in (True, False):
+                assert b.generate(prompts, greedy=greedy, max_new_tokens=4) == [[b.eos_id]] * 2
+                rows = b.generate(prompts, greedy=greedy, max_new_tokens=6, min_new_tokens=4)
+                assert all(len(r) == 5 and b.eos_id not in r[:4] and r[4] == b.eos_id for r in rows), rows
+    finally:
+        hook.remove()
 
 
 def test_rollouts_store_float32_logprobs_of_the_sampler(tiny_run, tmp_path):

@@ -433,7 +433,7 @@ class LLM(LowerLayers, PrefixReuse):
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], *, greedy: bool, temperature: float = 1.0,
-                 max_new_tokens: int = 32, min_new_tokens: int = 0, return_logprobs: bool = False):
+                 max_new_tokens: int = 32, min_new_tokens: int | None = None, return_logprobs: bool = False):
         """Batched, left-padded generation with the active adapter, **unmerged**: the same
         modules, weights and dtype as the forward pass of completion_logprobs() and PPO (a LoRA
         merged into bf16 weights loses most of its update to rounding). Sampling draws from
@@ -498,13 +498,14 @@ def set_lora_dropouts(model: torch.nn.Module, cls: type = None) -> int:
     """[ours] Make every LoRA input dropout of `model` (peft's `lora_dropout` dicts) a `cls` of the
     same p: by default ctr_ops.Dropout, whose counter-based masks cost a fraction of torch's CPU
     bernoulli_ (README, "Making an iteration affordable"); torch.nn.Dropout gives peft's back.
-    peft's nn.Identity (p = 0) and dropouts already of `cls` stay. Returns how many were set."""
+    peft's nn.Identity (p = 0) and dropouts already of `cls` stay; a new one takes the training
+    mode of the one it replaces. Returns how many were set."""
     cls = cls or ctr_ops.Dropout
     n = 0
     for m in model.modules():
         for k, d in getattr(m, "lora_dropout", {}).items():
             if isinstance(d, torch.nn.Dropout) and type(d) is not cls:
-                m.lora_dropout[k] = cls(d.p)
+                m.lora_dropout[k] = cls(d.p).train(d.training)
                 n += 1
     return n
 

@@ -4,8 +4,9 @@
 #   ./run.sh [--preset smoke|quick|planted|planted-cause|planted12|paper] [--runs-dir DIR] [--rounds N] [--nproc N] [--seed N]
 #
 # --seed N: the seed of the LLM training draw (stage1_sft, stage2_reward, stage3_rl: the scorer's
-# LoRA init, dropout masks and sample order, the rollout prompts' order, every sampled token, PPO's
-# fresh LoRA and minibatch order); default 0. The world, its subsets and the ID-CTR models keep
+# LoRA init, dropout masks, sample order and which samples show their explanation, an echo or no
+# text, the rollout prompts' order, every sampled token, PPO's fresh LoRA and minibatch order);
+# default 0. The world, its subsets and the ID-CTR models keep
 # seed 0, and evaluate.py's bootstrap too, so two seeds are two replicates of the same training on
 # the same data, compared on the same test samples [ours].
 #
@@ -71,7 +72,8 @@ while [ $# -gt 0 ]; do
 done
 source scripts/ensure_venv.sh   # sets $PY and PYTHONPATH
 case "$NPROC" in ''|*[!0-9]*|0) echo "error: --nproc $NPROC: expected a whole number >= 1" >&2; exit 2 ;; esac
-case "$SEED" in ''|*[!0-9]*) echo "error: --seed $SEED: expected a whole number >= 0" >&2; exit 2 ;; esac
+case "$SEED" in ''|*[!0-9]*|??????????*) echo "error: --seed $SEED: expected a whole number from 0 to 999999999" >&2; exit 2 ;; esac
+SEED=$((10#$SEED))   # 007 -> 7: one spelling per seed in run.json
 if [ "$NPROC" = 1 ]; then TR=("$PY"); else  # the training stages under torchrun (parallel.py)
   TR=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC")
 fi
@@ -87,6 +89,13 @@ PRESET_SH=$("$PY" presets.py "$PRESET" shell)   # prints the variables below; a 
 eval "$PRESET_SH"
 R="$RUNS_DIR/$RUN_NAME"
 DATA=("${WORLD[@]}" "${DATA_ONLY[@]}")   # the LLM run's data; the ID benchmark uses WORLD alone
+if [ -f "$R/run.json" ]; then  # resuming: every finished step is skipped, so the seed must match
+  OLD_SEED=$("$PY" -c 'import common, sys; print(common.read_json(sys.argv[1]).get("seed", 0))' "$R/run.json")
+  if [ "$OLD_SEED" != "$SEED" ]; then  # (a folder made before this option ran seed 0)
+    echo "error: --seed $SEED: $R/run.json was run with seed $OLD_SEED (its finished steps would be kept); use another --runs-dir or delete $R" >&2
+    exit 2
+  fi
+fi
 
 # ---- plumbing: timed steps -------------------------------------------------------------------
 T_ALL=$(date +%s)
@@ -132,13 +141,6 @@ fi
 
 # ---- 1-3. data, ID backbone, base explanations, scorer -----------------------------------------
 mkdir -p "$R"
-if [ -f "$R/run.json" ]; then  # resuming: every finished step is skipped, so the seed must match
-  OLD_SEED=$("$PY" -c 'import common, sys; print(common.read_json(sys.argv[1]).get("seed", 0))' "$R/run.json")
-  if [ "$OLD_SEED" != "$SEED" ]; then
-    echo "error: --seed $SEED: $R/run.json was run with seed $OLD_SEED (its finished steps would be kept); use another --runs-dir" >&2
-    exit 2
-  fi
-fi
 cp "presets/$PRESET.toml" "$R/preset.toml"   # the settings this run used, beside its outputs
 run_json preset="$PRESET" model="$MODEL" n1="$N1" n3="$N3" rounds="$ROUNDS" lambda_ic="$LAMBDA" seed="$SEED"
 A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}" --seed "$SEED")   # the LLM stages' options

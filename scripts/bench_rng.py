@@ -32,16 +32,19 @@ import stage1_sft  # noqa: E402
 
 
 def sample_chunk(b, prompts, n_new, sampler: str):
-    """One sampled chunk, both forced to n_new tokens. inverse-cdf: llm.LLM.generate itself (the
-    rollouts' path); multinomial: the same call to transformers' generate with do_sample."""
+    """One sampled chunk, both forced to n_new tokens and keeping the step scores. inverse-cdf:
+    llm.LLM.generate as the rollouts call it (return_logprobs, so its per-token log-softmax is
+    timed too); multinomial: the same call to transformers' generate with do_sample."""
     if sampler == "inverse-cdf":
-        return max(map(len, b.generate(prompts, greedy=False, max_new_tokens=n_new, min_new_tokens=n_new)))
+        rows, _ = b.generate(prompts, greedy=False, max_new_tokens=n_new, min_new_tokens=n_new,
+                             return_logprobs=True)
+        return max(map(len, rows))
     from transformers import GenerationConfig
     ids, mask = b.pad_left(prompts)
     cache = b._shared_prefill(prompts)
     cfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=n_new,
                            min_new_tokens=n_new, pad_token_id=b.tok.pad_token_id, eos_token_id=b.eos_id,
-                           suppress_tokens=b.suppress, return_dict_in_generate=True)
+                           suppress_tokens=b.suppress, output_scores=True, return_dict_in_generate=True)
     with b.attention("sdpa"):
         out = b.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg,
                                **({"cache": cache} if cache is not None else {}))

@@ -86,27 +86,38 @@ def test_run_sh_nproc_launches_the_training_stages_under_torchrun(tmp_path):
 def test_run_sh_seed_reaches_every_llm_stage_and_guards_a_resumed_folder(tmp_path):
     """--seed N is the LLM training draw: every stage1_sft/stage2_reward/stage3_rl call gets it
     (through A), nothing else does; a bad N, or resuming a folder run with another seed (whose
-    finished steps would be kept), is a one-line error before any work."""
+    finished steps would be kept), is a one-line error before any work; a folder from before
+    --seed existed counts as seed 0, and 007 is seed 7."""
     text = (ROOT / "run.sh").read_text()
     assert 'A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}" --seed "$SEED")' in text
     for script in ("stage1_sft", "stage2_reward", "stage3_rl"):
         calls = [l for l in text.splitlines() if f" {script}.py " in l and not l.startswith("#")]
         assert calls and all(f'{script}.py "${{A[@]}}"' in l for l in calls), (script, calls)
-    assert [l for l in text.splitlines() if "--seed" in l and not l.startswith("#")
-            and "SEED=" not in l and "--seed)" not in l] == [  # no other step gets a seed
-        'case "$SEED" in \'\'|*[!0-9]*) echo "error: --seed $SEED: expected a whole number >= 0" >&2; exit 2 ;; esac',
-        '    echo "error: --seed $SEED: $R/run.json was run with seed $OLD_SEED (its finished steps would be kept); use another --runs-dir" >&2',
-        'A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}" --seed "$SEED")   # the LLM stages\' options']
+    code = [l for l in text.splitlines() if not l.startswith("#")]
+    assert [l.split("--seed")[0] for l in code if "--seed" in l] == [  # no other step gets a seed
+        "    ", 'case "$SEED" in \'\'|*[!0-9]*|??????????*) echo "error: ', '    echo "error: ',
+        'A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}" ']
+    assert code.index(next(l for l in code if "OLD_SEED=" in l)) < code.index(
+        next(l for l in code if l.startswith("if [ \"$ID_BENCH\" = 1 ]"))), "guard after the ID benchmark"
     run = lambda *a: subprocess.run(["bash", str(ROOT / "run.sh"), "--preset", "smoke",
                                      "--runs-dir", str(tmp_path), *a], capture_output=True, text=True)
-    r = run("--seed", "-1")
-    assert r.returncode == 2 and r.stderr.strip() == "error: --seed -1: expected a whole number >= 0"
+    for bad in ("-1", "x", "1234567890"):
+        r = run("--seed", bad)
+        assert r.returncode == 2 and r.stderr.strip() == (f"error: --seed {bad}: expected a whole "
+                                                          "number from 0 to 999999999"), r.stderr
     assert not any(tmp_path.iterdir())
-    (tmp_path / "smoke").mkdir()
-    (tmp_path / "smoke" / "run.json").write_text('{"preset": "smoke", "seed": 0}')
+    d = tmp_path / "smoke"
+    d.mkdir()
+    (d / "run.json").write_text('{"preset": "smoke", "seed": 7}')
     r = run("--seed", "1")
-    assert r.returncode == 2 and "run.json was run with seed 0" in r.stderr, r.stderr
-    assert sorted(p.name for p in (tmp_path / "smoke").iterdir()) == ["run.json"]
+    assert r.returncode == 2 and "run.json was run with seed 7" in r.stderr, r.stderr
+    assert sorted(p.name for p in d.iterdir()) == ["run.json"]
+    # past the guard: a directory where run.sh copies preset.toml stops it at that cp (rc 1)
+    (d / "preset.toml" / "smoke.toml").mkdir(parents=True)
+    for json_text, seed in (('{"preset": "smoke", "seed": 7}', "007"), ('{"preset": "smoke"}', "0")):
+        (d / "run.json").write_text(json_text)
+        r = run("--seed", seed)
+        assert r.returncode == 1 and "was run with seed" not in r.stderr and "preset.toml" in r.stderr, r.stderr
 
 
 def test_run_sh_help_names_every_preset_and_the_whole_schedule():

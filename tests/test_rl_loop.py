@@ -273,9 +273,10 @@ def test_lora_dropouts_are_the_counter_based_dropout():
     assert torch.equal(d(x), y)
     assert torch.equal(d.eval()(x), x)
     # set_lora_dropouts (what attach calls, and scripts/bench_rng.py's switch): torch's and back
+    b.model.eval()
     assert llm.set_lora_dropouts(b.model, torch.nn.Dropout) == len(drops)
     back = [d for m in b.model.modules() for d in getattr(m, "lora_dropout", {}).values()]
-    assert all(type(d) is torch.nn.Dropout and d.p == 0.3 for d in back)
+    assert all(type(d) is torch.nn.Dropout and d.p == 0.3 and not d.training for d in back)
     assert llm.set_lora_dropouts(b.model) == len(drops) and llm.set_lora_dropouts(b.model) == 0
     b0 = llm.LLM("tiny", "float32")
     b0.attach({"scorer": None}, lora_dropout=0.0)  # peft's nn.Identity stays
@@ -295,8 +296,11 @@ def test_generate_min_new_tokens_holds_eos_back():
         with b.use("explainer"):
             for greedy in (True, False):
                 assert b.generate(prompts, greedy=greedy, max_new_tokens=4) == [[b.eos_id]] * 2
-                rows = b.generate(prompts, greedy=greedy, max_new_tokens=6, min_new_tokens=4)
+                rows, lps = b.generate(prompts, greedy=greedy, max_new_tokens=6, min_new_tokens=4,
+                                       return_logprobs=True)
                 assert all(len(r) == 5 and b.eos_id not in r[:4] and r[4] == b.eos_id for r in rows), rows
+                # the sampler saw EOS held back (transformers runs ours after its processors)
+                assert all(torch.isfinite(lp).all() and lp[:4].min() > -30 for lp in lps), lps
     finally:
         hook.remove()
 

@@ -135,12 +135,22 @@ def prompt_means(rows, vals) -> np.ndarray:
     return np.bincount(g, np.asarray(vals, float), n) / np.bincount(g, None, n)
 
 
+def probe_p_yes(rows) -> np.ndarray:
+    """The scorer's P(Yes) behind each probe sample: r_LC = log P(truth), so P(Yes) = exp(r_LC)
+    for a click and 1 - exp(r_LC) otherwise."""
+    pt = np.exp(np.array([r["r_lc"] for r in rows], float))
+    return np.where(np.array([r["label"] for r in rows]) == 1, pt, 1 - pt)
+
+
 def probe_curve(paths: RunPaths, train, args) -> tuple[list, dict | None, list]:
     """Mean r_LC of every policy on R/probe/<tag>.jsonl (the same prompts, K and seed for each),
     with a 95% bootstrap CI over prompts (a prompt's K samples are resampled together), the
     difference to the base policy on the same resamples (paired; one-sided p of "no gain"), the
     mean KL to the reference, and the constant predictor (train positive rate) on the same
-    prompts. Returns (rows, constant row, notes)."""
+    prompts. [ours] Also the scorer's AUC over each policy's probe samples (same resamples): how
+    much click ranking its explanations give the scorer. Mean r_LC also rises when explanations
+    only make a miscalibrated scorer less confident, with this AUC flat (README, the planted
+    world's third draw). Returns (rows, constant row, notes)."""
     files = {f.stem: f for f in (paths.root / "probe").glob("*.jsonl")}
     tags = sorted((t for t in files if t == "base" or re.fullmatch(r"iter_\d+", t)),
                   key=lambda t: -1 if t == "base" else int(t[5:]))
@@ -161,12 +171,18 @@ def probe_curve(paths: RunPaths, train, args) -> tuple[list, dict | None, list]:
     rng = np.random.default_rng(args.seed)
     resample = rng.integers(0, n_groups, size=(args.n_boot, n_groups))
     boot = lambda g: g[resample].mean(1)
+    counts = np.stack([np.bincount(r, minlength=n_groups) for r in resample])  # [n_boot, groups]
     out = []
     for t in tags:
         g = means[t]
         row = {"tag": t, "iter": 0 if t == "base" else int(t[5:]), "n_prompts": n_groups,
                "n": len(data[t]), "r_lc": float(g.mean()), "r_lc_ci": percentile_ci(boot(g)),
                "kl_ref": float(np.mean([r.get("kl_ref") or 0.0 for r in data[t]]))}
+        y, grp = np.array([r["label"] for r in data[t]]), np.array([r["group"] for r in data[t]])
+        if 0 < y.sum() < len(y):  # a prompt's K samples enter a resample together
+            p_yes = probe_p_yes(data[t])
+            row.update(auc=float(weighted_auc(y, p_yes, np.ones((1, len(y))))[0]),
+                       auc_ci=percentile_ci(weighted_auc(y, p_yes, counts[:, grp])))
         if t != tags[0]:
             ba, bb = boot(g), boot(means[tags[0]])
             row.update(delta=float(g.mean() - means[tags[0]].mean()), delta_ci=percentile_ci(ba - bb),

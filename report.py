@@ -227,20 +227,25 @@ def report_md(m, examples, plots, plot_note, ppo) -> str:
           "prompts of data/probe.jsonl (never trained on by the scorer, the ID models or the "
           "policy), the same K samples per prompt and the same sampling seed; 95% bootstrap CI "
           "over prompts; Δ = difference to the base policy on the same resamples, p = one-sided "
-          "(H1: the policy beats base); KL = mean sequence KL to the reference on these samples.", ""]
+          "(H1: the policy beats base); KL = mean sequence KL to the reference on these samples; "
+          "scorer AUC = the AUC of the scorer's P(Yes) over the policy's probe samples (how much "
+          "click ranking its explanations carry; r_LC also rises when they only make the scorer "
+          "less confident, with this AUC flat; the constant predictor's is 0.5).", ""]
     if m["probe"]:
-        L += ["| policy | n prompts x K | mean r_LC [95% CI] | Δ vs base [95% CI] | p | KL to ref |",
-              "|---|---|---|---|---|---|"]
+        L += ["| policy | n prompts x K | mean r_LC [95% CI] | Δ vs base [95% CI] | p | KL to ref | scorer AUC [95% CI] |",
+              "|---|---|---|---|---|---|---|"]
         for r in m["probe"]:
             d = (f"{fmt(r['delta'])} [{fmt(r['delta_ci'][0])}, {fmt(r['delta_ci'][1])}]"
                  if r.get("delta") is not None else "-")
+            a = (f"{fmt(r['auc'])} [{fmt(r['auc_ci'][0])}, {fmt(r['auc_ci'][1])}]"
+                 if r.get("auc") is not None else "-")
             L.append(f"| {r['tag']} | {r['n_prompts']} x {r['n'] // max(r['n_prompts'], 1)} | "
                      f"{fmt(r['r_lc'])} [{fmt(r['r_lc_ci'][0])}, {fmt(r['r_lc_ci'][1])}] | {d} | "
-                     f"{fmt(r.get('p_value'))} | {fmt(r['kl_ref'])} |")
+                     f"{fmt(r.get('p_value'))} | {fmt(r['kl_ref'])} | {a} |")
         c = m["probe_constant"]
         if c:
             L.append(f"| constant predictor (p = {fmt(c['prior'], 3)}, train rate) | same prompts | "
-                     f"{fmt(c['r_lc'])} [{fmt(c['r_lc_ci'][0])}, {fmt(c['r_lc_ci'][1])}] | - | - | - |")
+                     f"{fmt(c['r_lc'])} [{fmt(c['r_lc_ci'][0])}, {fmt(c['r_lc_ci'][1])}] | - | - | - | 0.5 |")
     else:
         L.append("no probe files yet (python stage2_reward.py --run-dir R --probe base, then iter_k)")
     L += [f"- note: {n}" for n in m["probe_notes"]]

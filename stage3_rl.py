@@ -69,16 +69,30 @@ def parse_args(argv=None):
                    help=f"projections of the fresh LoRA of iteration 1; 'all' = {','.join(llm.ALL_PROJ)}")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing: less memory, ~1 more forward of compute")
-    p.add_argument("--no-adv-norm", action="store_true", help="do not divide advantages by their std")
+    p.add_argument("--adv-norm", choices=ADV_NORMS, default="batch",
+                   help="scale of the RLOO advantages: batch (divide by their std over the batch), "
+                        "group (by each prompt group's own std, as GRPO does: every prompt weighs "
+                        "the same whatever its label [ours]), none")
     p.add_argument("--force", action="store_true", help="redo even if policy/iter_k exists")
     return p.parse_args(argv)
 
 
 # ---- algorithm: the pure math (tests call these on hand-made numbers) ----------------------
-def group_advantages(rewards, groups, normalize: bool = True, eps: float = 1e-8) -> np.ndarray:
+ADV_NORMS = ("batch", "group", "none")
+
+
+def group_advantages(rewards, groups, norm: str = "batch", eps: float = 1e-8) -> np.ndarray:
     """RLOO advantage (REINFORCE leave-one-out, Ahmadian et al. 2024; TRL RLOOTrainer):
-    A_i = r_i - mean_{j != i, same group} r_j, then divided by the batch std. A group whose
-    rewards are all equal (or a group of one) gets exactly 0."""
+    A_i = r_i - mean_{j != i, same group} r_j, then divided by the batch std (norm "batch"), by
+    its own group's std (norm "group", GRPO's scaling, Shao et al. 2024), or not at all. A
+    group whose rewards are all equal (or a group of one) gets exactly 0.
+    [ours] Why "group" exists: r_LC = log P(truth) of a scorer that under-predicts clicks
+    varies ~2.6x more within the groups of clicked targets than within the others for the same
+    spread of the scorer's logit (the planted world, seed 1: 0.360 vs 0.137). Scaled by the batch
+    std, those groups dominate the gradient, which then pushes every explanation towards raising
+    P(Yes), whoever the user is (README, "The planted world")."""
+    if norm not in ADV_NORMS:
+        raise ExpCTRError(f"advantage norm {norm!r}: expected one of {', '.join(ADV_NORMS)}")
     r = np.asarray(rewards, dtype=np.float64)
     g = np.asarray(groups)
     adv = np.zeros_like(r)
@@ -89,7 +103,9 @@ def group_advantages(rewards, groups, normalize: bool = True, eps: float = 1e-8)
             continue
         others_mean = (r[idx].sum() - r[idx]) / (k - 1)
         adv[idx] = r[idx] - others_mean
-    if normalize:
+        if norm == "group":
+            adv[idx] /= adv[idx].std() + eps
+    if norm == "batch":
         std = adv.std()
         adv = adv / (std + eps) if std > 1e-12 else np.zeros_like(adv)
     return adv
@@ -197,11 +213,16 @@ def main(argv=None):
 
     rewards = np.array([r["reward"] for r in rows])
     groups = [r["group"] for r in rows]
-    adv_all = group_advantages(rewards, groups, normalize=not args.no_adv_norm)
+    adv_all = group_advantages(rewards, groups, args.adv_norm)
     # the size of the learning signal before normalisation: how much the K rewards of a prompt
     # differ (a scorer that ignores explanations gives ~0 here, and normalising only scales noise)
-    raw_adv = group_advantages(rewards, groups, normalize=False)
+    raw_adv = group_advantages(rewards, groups, "none")
     within_std = [float(np.std(rewards[np.asarray(groups) == g])) for g in sorted(set(groups))]
+    # the same spread by the group's label: a miscalibrated scorer's r_LC spreads wider for the
+    # label it under-predicts (why --adv-norm group exists); the label never reaches the policy
+    label_of = {r["group"]: r.get("label") for r in rows}
+    by_label = {y: [s for g, s in zip(sorted(set(groups)), within_std) if label_of[g] == y] for y in (0, 1)}
+    within_by_label = {y: float(np.mean(v)) if v else None for y, v in by_label.items()}
     phase, temperature = rows[0]["phase"], rows[0]["temperature"]
     rng = np.random.default_rng([args.seed, k])
     stats, ents, n_tok, t0 = [], [], 0, time.time()
@@ -261,6 +282,8 @@ def main(argv=None):
         nproc=world.size,
         reward=float(rewards.mean()), r_lc=float(np.mean([r["r_lc"] for r in rows])),
         r_ic=float(np.mean(r_ic)) if r_ic else None, reward_std_within_group=float(np.mean(within_std)),
+        reward_std_within_clicked=within_by_label[1], reward_std_within_unclicked=within_by_label[0],
+        adv_norm=args.adv_norm,
         reward_std_all=float(rewards.std()), adv_abs_mean_raw=float(np.abs(raw_adv).mean()),
         kl=mean("kl"), clip_frac=mean("clip_frac"),
         entropy=float(np.mean(ents)), expl_len=float(np.mean([len(r["completion_ids"]) for r in rows])),

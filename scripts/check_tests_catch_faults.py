@@ -16,6 +16,14 @@ from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parents[1])
 FAULTS = [
+ ("adv_group_scale_skipped", "stage3_rl.py", "            adv[idx] /= adv[idx].std() + eps", "            pass",
+  "tests/test_llm_stages.py::test_group_scaled_advantages_weigh_every_prompt_alike"),
+ ("within_std_labels_swapped", "stage3_rl.py", "reward_std_within_clicked=within_by_label[1], reward_std_within_unclicked=within_by_label[0],", "reward_std_within_clicked=within_by_label[0], reward_std_within_unclicked=within_by_label[1],",
+  "tests/test_llm_stages.py::test_rollouts_deterministic_and_label_free"),
+ ("probe_auc_ignores_label", "evaluate.py", "    return np.where(np.array([r[\"label\"] for r in rows]) == 1, pt, 1 - pt)", "    return pt",
+  "tests/test_evaluate.py::test_compare_probes_pairs_two_policies_as_the_probe_curve_does"),
+ ("probe_auc_ci_not_resampled", "evaluate.py", "auc_ci=percentile_ci(weighted_auc(y, p_yes, counts[:, grp])))", "auc_ci=percentile_ci(weighted_auc(y, p_yes, np.ones_like(counts[:, grp]))))",
+  "tests/test_evaluate.py::test_compare_probes_pairs_two_policies_as_the_probe_curve_does"),
  ("run_sh_seed_dropped", "run.sh", 'A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}" --seed "$SEED")', 'A=(--run-dir "$R" --model "$MODEL" "${LLM[@]}")',
   "tests/test_presets.py::test_run_sh_seed_reaches_every_llm_stage_and_guards_a_resumed_folder"),
  ("run_sh_seed_resume_unguarded", "run.sh", '  if [ "$OLD_SEED" != "$SEED" ]; then', '  if false; then',

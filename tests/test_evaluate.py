@@ -464,6 +464,14 @@ def test_compare_probes_pairs_two_policies_as_the_probe_curve_does(tmp_path, cap
                            [dict(r, r_lc=float(-0.7 + shift + rng.normal(0, 0.2))) for r in rows])
     curve, _, notes = ev.probe_curve(common.RunPaths(tmp_path), [], argparse.Namespace(n_boot=300, seed=0))
     assert not notes
+    # the scorer's AUC over the probe samples: P(Yes) recovered from r_LC = log P(truth)
+    from sklearn.metrics import roc_auc_score
+    for r, tag in zip(curve, ("base", "iter_1")):
+        got = common.read_jsonl(tmp_path / "probe" / f"{tag}.jsonl")
+        y = np.array([g["label"] for g in got])
+        pt = np.exp([g["r_lc"] for g in got])
+        assert r["auc"] == pytest.approx(roc_auc_score(y, np.where(y == 1, pt, 1 - pt)), abs=1e-12)
+        assert r["auc_ci"][0] < r["auc"] < r["auc_ci"][1]
     cp.main(["--a", str(tmp_path / "probe" / "iter_1.jsonl"), "--b", str(tmp_path / "probe" / "base.jsonl"),
              "--n-boot", "300", "--seed", "0"])
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("| A - B"))

@@ -26,13 +26,33 @@ ROLL = ["--model", "tiny", "--dtype", "float32", "--max-new-tokens", "6", "--pro
 def test_group_advantages_leave_one_out_and_normalised():
     r = [1.0, 2.0, 3.0, 5.0, 5.0, 5.0, 7.0]
     g = [0, 0, 0, 1, 1, 1, 2]
-    raw = stage3_rl.group_advantages(r, g, normalize=False)
+    raw = stage3_rl.group_advantages(r, g, "none")
     np.testing.assert_allclose(raw, [1 - 2.5, 2 - 2.0, 3 - 1.5, 0, 0, 0, 0])
     adv = stage3_rl.group_advantages(r, g)
     np.testing.assert_allclose(adv, raw / raw.std())
     # all-equal groups (and a whole batch of them) give zeros, never NaN
-    z = stage3_rl.group_advantages([0.3] * 4, [0, 0, 1, 1])
-    assert np.all(z == 0) and not np.any(np.isnan(z))
+    for norm in stage3_rl.ADV_NORMS:
+        z = stage3_rl.group_advantages([0.3] * 4, [0, 0, 1, 1], norm)
+        assert np.all(z == 0) and not np.any(np.isnan(z))
+    with pytest.raises(common.ExpCTRError, match="advantage norm 'grp'"):
+        stage3_rl.group_advantages(r, g, "grp")
+
+
+def test_group_scaled_advantages_weigh_every_prompt_alike():
+    """norm "group" (GRPO's scaling): each group's RLOO advantages divided by their own std, so a
+    group whose rewards spread 2.6x wider (the clicked targets of a scorer that under-predicts
+    clicks) pushes no harder than the others; under "batch" it does."""
+    r = np.array([-1.2, -0.6, -1.5, -0.9, -0.30, -0.40, -0.35, -0.25])  # group 0 wide, 1 narrow
+    g = [0, 0, 0, 0, 1, 1, 1, 1]
+    raw = stage3_rl.group_advantages(r, g, "none")
+    adv = stage3_rl.group_advantages(r, g, "group")
+    np.testing.assert_allclose(adv[:4], raw[:4] / raw[:4].std(), rtol=1e-6)
+    np.testing.assert_allclose(adv[4:], raw[4:] / raw[4:].std(), rtol=1e-6)
+    assert adv[:4].std() == pytest.approx(1) and adv[4:].std() == pytest.approx(1)
+    b = stage3_rl.group_advantages(r, g, "batch")
+    assert b[:4].std() > 3 * b[4:].std()  # batch scaling keeps the wide group dominant
+    # the same ranking within each group as the raw advantages
+    assert (np.argsort(adv[:4]) == np.argsort(raw[:4])).all() and (np.argsort(adv[4:]) == np.argsort(raw[4:])).all()
 
 
 def test_ppo_clipping_and_gradients():
@@ -172,6 +192,11 @@ def test_rollouts_deterministic_and_label_free(tiny_run, tmp_path):
     row = [m for m in common.read_jsonl(RunPaths(a).metrics) if m["stage"] == "stage3_rl"][-1]
     assert row["iter"] == 1 and row["phase"] == "lc" and row["clip_frac"] == 0
     assert 0 <= row["kl"] < 1e-3 and row["tokens_per_s"] > 0
+    assert row["adv_norm"] == "batch"
+    for y, key in ((1, "reward_std_within_clicked"), (0, "reward_std_within_unclicked")):
+        spread = [np.std([r["reward"] for r in ra if r["group"] == g])
+                  for g in sorted({r["group"] for r in ra if r["label"] == y})]
+        assert (row[key] is None) if not spread else row[key] == pytest.approx(np.mean(spread)), key
     assert (RunPaths(a).policy(1) / "adapter_model.safetensors").exists()
     # iteration 2 samples from policy/iter_1 and stores the reference log-probs separately
     stage2_reward.main(["--run-dir", str(a), "--iter", "2", *ROLL])

@@ -138,8 +138,8 @@ def prompt_means(rows, vals) -> np.ndarray:
 def probe_p_yes(rows) -> np.ndarray:
     """The scorer's P(Yes) behind each probe sample: r_LC = log P(truth), so P(Yes) = exp(r_LC)
     for a click and 1 - exp(r_LC) otherwise."""
-    pt = np.exp(np.array([r["r_lc"] for r in rows], float))
-    return np.where(np.array([r["label"] for r in rows]) == 1, pt, 1 - pt)
+    lp = np.array([r["r_lc"] for r in rows], float)
+    return np.where(np.array([r["label"] for r in rows]) == 1, np.exp(lp), -np.expm1(lp))
 
 
 def probe_curve(paths: RunPaths, train, args) -> tuple[list, dict | None, list]:

@@ -79,6 +79,7 @@ def parse_args(argv=None):
 
 # ---- algorithm: the pure math (tests call these on hand-made numbers) ----------------------
 ADV_NORMS = ("batch", "group", "none")
+GROUP_STD_FLOOR = 1e-3  # [ours] nats: below it a group's rewards differ by rounding, not by text
 
 
 def group_advantages(rewards, groups, norm: str = "batch", eps: float = 1e-8) -> np.ndarray:
@@ -103,8 +104,9 @@ def group_advantages(rewards, groups, norm: str = "batch", eps: float = 1e-8) ->
             continue
         others_mean = (r[idx].sum() - r[idx]) / (k - 1)
         adv[idx] = r[idx] - others_mean
-        if norm == "group":
-            adv[idx] /= adv[idx].std() + eps
+        if norm == "group":  # a group spread less than scoring noise (bf16) carries no signal
+            sd = adv[idx].std()
+            adv[idx] = adv[idx] / sd if sd > GROUP_STD_FLOOR else 0.0
     if norm == "batch":
         std = adv.std()
         adv = adv / (std + eps) if std > 1e-12 else np.zeros_like(adv)

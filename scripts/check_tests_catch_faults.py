@@ -16,11 +16,13 @@ from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parents[1])
 FAULTS = [
- ("adv_group_scale_skipped", "stage3_rl.py", "            adv[idx] /= adv[idx].std() + eps", "            pass",
+ ("adv_group_scale_skipped", "stage3_rl.py", "            adv[idx] = adv[idx] / sd if sd > GROUP_STD_FLOOR else 0.0", "            pass",
+  "tests/test_llm_stages.py::test_group_scaled_advantages_weigh_every_prompt_alike"),
+ ("adv_group_noise_scaled_up", "stage3_rl.py", "            adv[idx] = adv[idx] / sd if sd > GROUP_STD_FLOOR else 0.0", "            adv[idx] = adv[idx] / (sd + eps)",
   "tests/test_llm_stages.py::test_group_scaled_advantages_weigh_every_prompt_alike"),
  ("within_std_labels_swapped", "stage3_rl.py", "reward_std_within_clicked=within_by_label[1], reward_std_within_unclicked=within_by_label[0],", "reward_std_within_clicked=within_by_label[0], reward_std_within_unclicked=within_by_label[1],",
   "tests/test_llm_stages.py::test_rollouts_deterministic_and_label_free"),
- ("probe_auc_ignores_label", "evaluate.py", "    return np.where(np.array([r[\"label\"] for r in rows]) == 1, pt, 1 - pt)", "    return pt",
+ ("probe_auc_ignores_label", "evaluate.py", "    return np.where(np.array([r[\"label\"] for r in rows]) == 1, np.exp(lp), -np.expm1(lp))", "    return np.exp(lp)",
   "tests/test_evaluate.py::test_compare_probes_pairs_two_policies_as_the_probe_curve_does"),
  ("probe_auc_ci_not_resampled", "evaluate.py", "auc_ci=percentile_ci(weighted_auc(y, p_yes, counts[:, grp])))", "auc_ci=percentile_ci(weighted_auc(y, p_yes, np.ones_like(counts[:, grp]))))",
   "tests/test_evaluate.py::test_compare_probes_pairs_two_policies_as_the_probe_curve_does"),

@@ -51,6 +51,9 @@ def test_group_scaled_advantages_weigh_every_prompt_alike():
     assert adv[:4].std() == pytest.approx(1) and adv[4:].std() == pytest.approx(1)
     b = stage3_rl.group_advantages(r, g, "batch")
     assert b[:4].std() > 3 * b[4:].std()  # batch scaling keeps the wide group dominant
+    # a group spread only by rounding noise gets no weight (not scaled up to unit std)
+    noisy = stage3_rl.group_advantages([-0.5, -0.5 + 1e-5, -0.5 - 1e-5, -0.5, -1.0, -0.2], [0] * 4 + [1] * 2, "group")
+    assert np.all(noisy[:4] == 0) and np.allclose(np.abs(noisy[4:]), 1)
     # the same ranking within each group as the raw advantages
     assert (np.argsort(adv[:4]) == np.argsort(raw[:4])).all() and (np.argsort(adv[4:]) == np.argsort(raw[4:])).all()
 

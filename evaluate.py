@@ -181,7 +181,7 @@ def probe_curve(paths: RunPaths, train, args) -> tuple[list, dict | None, list]:
         y, grp = np.array([r["label"] for r in data[t]]), np.array([r["group"] for r in data[t]])
         if 0 < y.sum() < len(y):  # a prompt's K samples enter a resample together
             p_yes = probe_p_yes(data[t])
-            row.update(auc=float(weighted_auc(y, p_yes, np.ones((1, len(y))))[0]),
+            row.update(auc=auc(y, p_yes),
                        auc_ci=percentile_ci(weighted_auc(y, p_yes, counts[:, grp])))
         if t != tags[0]:
             ba, bb = boot(g), boot(means[tags[0]])
